@@ -1,0 +1,251 @@
+"""Run configuration: dataclasses loaded from YAML (SPEC and STYLE §5).
+
+Keys equal field names; an unknown key or a value of the wrong type is an error naming the dotted key; command-line
+overrides are dotted (`train.epochs=2`); the resolved config is saved with every run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key (or file) at fault."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"        # digits | synthetic | cifar100 | imagefolder | imagenet_subset | imagenet_subset_sorted | imagenet1k
+    root: str = ""                 # dataset root; for ImageNet variants MNEMONICS_FAST_IMAGENET is used when empty
+    download: bool = False         # torchvision CIFAR-100 only: fetch it when missing
+    loader: str = "auto"           # auto | resident | torchvision | dali
+    image_size: int = 32           # training/eval crop (32 for CIFAR-like, 224 for ImageNet)
+    resize: int = 256              # ImageNet eval resize before the centre crop
+    cache_dir: str = "~/.cache/mnemonics_fast"  # decoded uint8 caches of small-image ImageFolder trees
+    num_workers: int = 4           # file loaders only
+    synthetic_classes: int = 20    # synthetic dataset only
+    synthetic_per_class: int = 60  # synthetic dataset only (train images per class; test gets a third)
+
+
+@dataclass
+class ProtocolConfig:
+    class_order_seed: int = 1993   # SPEC §1: separate from the training seed
+    base_classes: int = 50
+    num_phases: int = 10
+
+
+@dataclass
+class MemoryConfig:
+    kind: str = "growing"          # growing (20 per seen class, LUCIR/paper) | fixed (`total` split over seen classes)
+    per_class: int = 20
+    total: int = 2000
+    selection: str = "herding"     # herding | random
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet32"         # resnet32 | resnet18
+    weight_transfer: bool = False  # mnemonics paper's frozen-kernel x learnable-scale transfer from phase 1 on
+
+
+@dataclass
+class MethodConfig:
+    name: str = "lucir"            # lucir | icarl
+    lambda_base: float = 5.0       # LUCIR less-forget base weight (5 CIFAR, 10 ImageNet); scaled by sqrt(old/new)
+    margin: float = 0.5            # margin ranking m, on unscaled cosines
+    top_k: int = 2                 # margin ranking: hardest new classes per old-class sample
+    mr_weight: float = 1.0
+    kd_temperature: float = 2.0    # iCaRL-style KD
+    kd_weight: float = 1.0
+    nme_view: str = "plain"        # plain | plain+flip (the released code averages a second, flipped view)
+    class_balanced_finetune: bool = False  # LUCIR ImageNet option
+    cbf_epochs: int = 20
+    cbf_lr: float = 0.01
+    cbf_milestones: list[int] = field(default_factory=lambda: [10])
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 160
+    batch_size: int = 128          # global batch size (split over DDP ranks)
+    lr: float = 0.1
+    milestones: list[int] = field(default_factory=lambda: [80, 120])
+    gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    eval_batch_size: int = 512
+    amp: bool = True               # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True     # CUDA only
+    phase0_epochs: int = -1        # -1: same as `epochs`
+
+
+@dataclass
+class MnemonicsConfig:
+    enabled: bool = False
+    mode: str = "full"             # full | head | first_order | proto
+    init: str = "herding"          # herding | random
+    inner_lr: float = 0.01         # alpha: inner SGD step on the exemplars
+    inner_steps: int = 1           # T: unrolled inner steps
+    outer_steps: int = 50          # K: exemplar updates per phase (new classes)
+    lr: float = 0.01               # beta1: exemplar lr, pixel space [0, 1]
+    old_lr: float = 0.005          # beta2: exemplar lr for the old-class A/B adjustment
+    momentum: float = 0.9
+    adjust_old: bool = True        # SPEC §5 (c)
+    old_outer_steps: int = 20      # K for each A/B direction
+    query_batch_size: int = 128    # real images per outer step (global; split over ranks)
+    storage: str = "float"         # float | uint8 (rounded) between phases
+    exemplar_chunk: int = 0        # 0: whole exemplar batch at once; else chunk size (224x224 memory)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs"
+    name: str = ""                 # run folder name; default: the config's name
+    resume: str = "auto"           # auto (continue from the last complete phase) | never
+    stop_after_phase: int = -1     # end cleanly after this phase (-1: run all)
+    device: str = "auto"           # auto | cpu | cuda
+    tensorboard: bool = True       # when tensorboard is installed
+    progress: bool = True          # tqdm bars
+    deterministic: bool = False
+    checkpoint_every: int = 10     # epochs between mid-phase checkpoints (0: only at phase ends)
+
+
+@dataclass
+class Config:
+    name: str = "demo_digits"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mnemonics: MnemonicsConfig = field(default_factory=MnemonicsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CHOICES = {
+    "data.dataset": {"digits", "synthetic", "cifar100", "imagefolder", "imagenet_subset", "imagenet_subset_sorted",
+                     "imagenet1k"},
+    "data.loader": {"auto", "resident", "torchvision", "dali"},
+    "memory.kind": {"growing", "fixed"},
+    "memory.selection": {"herding", "random"},
+    "model.arch": {"resnet32", "resnet18"},
+    "method.name": {"lucir", "icarl"},
+    "method.nme_view": {"plain", "plain+flip"},
+    "mnemonics.mode": {"full", "head", "first_order", "proto"},
+    "mnemonics.init": {"herding", "random"},
+    "mnemonics.storage": {"float", "uint8"},
+    "run.resume": {"auto", "never"},
+    "run.device": {"auto", "cpu", "cuda"},
+}
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def _check_type(key: str, value, tp):
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {type(value).__name__} ({value!r})")
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool) \
+            or not isinstance(value, tp):
+        raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = prefix + str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{full}' (known in this section: {', '.join(sorted(fields))})")
+        tp = hints[key]
+        kwargs[key] = _build(tp, value, full + ".") if dataclasses.is_dataclass(tp) else _check_type(full, value, tp)
+    obj = cls(**kwargs)
+    return obj
+
+
+def validate(cfg: Config) -> Config:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {sorted(allowed)}")
+    positive = ["train.epochs", "train.batch_size", "train.eval_batch_size", "memory.per_class", "memory.total",
+                "protocol.base_classes", "data.image_size", "mnemonics.inner_steps", "mnemonics.query_batch_size"]
+    for key in positive:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) <= 0:
+            raise ConfigError(f"config key '{key}': must be > 0")
+    if cfg.protocol.num_phases < 0:
+        raise ConfigError("config key 'protocol.num_phases': must be >= 0")
+    return cfg
+
+
+def _parse_value(text: str):
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`a.b=value` strings (YAML-parsed values) applied onto a raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{p}' is not a section")
+        node[parts[-1]] = _parse_value(text)
+    return raw
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A path to a YAML file, or a bare name (`imagenet_10phase` / `imagenet_10phase.yaml`) of a bundled config."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    name = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
+    for candidate in (CONFIG_DIR / name, Path(__file__).resolve().parents[1] / "configs" / name):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file {str(path)!r} not found (neither a path nor a bundled config in {CONFIG_DIR})")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    raw: dict = {}
+    if path is not None:
+        p = resolve_config_path(path)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p}: expected a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    return validate(_build(Config, raw))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    from .utils.io import atomic_write_text
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,543 @@
+"""The trainer. It reads as the protocol (SPEC §1): for each phase -> build data, grow the head, train, select (and
+optionally optimise) exemplars, evaluate, checkpoint.
+
+Everything that must agree across DDP ranks (exemplars, class means, imprinted rows) is computed from features
+gathered from all ranks, then broadcast from rank 0, so every rank holds the same state.
+"""
+from __future__ import annotations
+
+import copy
+import platform
+import resource
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .. import __version__
+from ..config import Config, ConfigError, save_config, to_dict
+from ..data import Phases, class_order, exemplars_per_class, load_dataset
+from ..data.resident import ResidentEvalLoader, ResidentTrainLoader, to_device_nchw
+from ..exemplars import ExemplarMemory, class_mean, herding, nme_predict, random_selection
+from ..methods import PhaseInfo, build_method
+from ..models import build_model, imprint_weights
+from ..utils.io import atomic_torch_save
+from . import distributed as D
+from .metrics import Metrics, RunLog, format_table
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dist_info: D.DistInfo | None = None):
+        self.cfg = cfg
+        self.dist = dist_info or D.init_distributed(cfg.run.device)
+        self.device = self.dist.device
+        self.run_dir = Path(cfg.run.output_dir).expanduser() / (cfg.run.name or cfg.name)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.method = build_method(cfg.method)
+        self.metrics = Metrics()
+        self.memory = ExemplarMemory()
+        self.class_means: torch.Tensor | None = None
+        self.model = None
+        self._log_file = None
+
+    # ================================================================ logging
+    def log(self, msg: str) -> None:
+        if not self.dist.is_main:
+            return
+        print(msg, flush=True)
+        if self._log_file is not None:
+            self._log_file.write(msg + "\n")
+            self._log_file.flush()
+
+    def _bar(self, total: int, desc: str):
+        if self.cfg.run.progress and self.dist.is_main:
+            from tqdm import tqdm
+            return tqdm(total=total, desc=desc, leave=False, mininterval=0.5, dynamic_ncols=True)
+        return None
+
+    # ================================================================ set-up
+    def setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            self._log_file = open(self.run_dir / "log.txt", "a")
+        self.runlog = RunLog(self.run_dir, self.dist.is_main, cfg.run.tensorboard)
+        if self.runlog.tb_missing:
+            self.log("note: tensorboard is not installed; TensorBoard scalars are off (metrics.json/CSV still written)")
+
+        # ---- data: the main rank decodes (and caches) first so other ranks only read the cache
+        if self.dist.is_main:
+            ds = load_dataset(cfg.data, progress=cfg.run.progress)
+        D.barrier(self.dist)
+        if not self.dist.is_main:
+            ds = load_dataset(cfg.data, progress=False)
+        self.ds = ds
+        self.order = class_order(ds.num_classes, cfg.protocol.class_order_seed)
+        remap = torch.empty(ds.num_classes, dtype=torch.long)
+        remap[torch.tensor(self.order)] = torch.arange(ds.num_classes)
+        self.y_train = remap[ds.train.labels]     # labels = positions in the class order
+        self.y_test = remap[ds.test.labels]
+        self.phases = Phases(ds.num_classes, cfg.protocol.base_classes, cfg.protocol.num_phases)
+        if ds.resident:
+            self.x_train = to_device_nchw(ds.train.images, self.device)
+            self.x_test = to_device_nchw(ds.test.images, self.device)
+        self.file_loader_kind = self._choose_file_loader() if not ds.resident else None
+        self.image_bytes = 3 * ds.image_size * ds.image_size
+        counts = torch.bincount(self.y_train, minlength=ds.num_classes)
+        self.log(f"mnemonics_fast {__version__} | torch {torch.__version__} | python {platform.python_version()} | "
+                 f"device {self.device} | world {self.dist.world}")
+        self.log(f"data: {ds.name}, {ds.num_classes} classes, {len(ds.train)} train / {len(ds.test)} test images "
+                 f"of {ds.image_size}x{ds.image_size}, loader {'resident' if ds.resident else self.file_loader_kind}")
+        self.log(f"protocol: class order seed {cfg.protocol.class_order_seed} (first: {self.order[:10]}), "
+                 f"{self.phases.base} base classes + {self.phases.num_phases} phases of {self.phases.per_phase}")
+        mem = cfg.memory
+        self.log(f"memory: {mem.kind} ({f'{mem.per_class} per class' if mem.kind == 'growing' else f'{mem.total} total'}), "
+                 f"selection {mem.selection}{', mnemonics ' + cfg.mnemonics.mode if cfg.mnemonics.enabled else ''}")
+        small = [self.order.index(int(c)) for c in torch.nonzero(counts < mem.per_class).flatten()]
+        if mem.kind == "growing" and small:
+            self.log(f"note: {len(small)} classes have fewer training images than memory.per_class={mem.per_class}; "
+                     f"they keep all their images as exemplars (e.g. class {ds.class_names[self.order[small[0]]]})")
+
+    def _choose_file_loader(self) -> str:
+        kind = self.cfg.data.loader
+        if kind == "resident":
+            raise ConfigError("data.loader=resident needs an in-memory dataset; this one is file-backed (ImageNet)")
+        if kind in ("auto", "dali"):
+            from ..data.dali import dali_available
+            ok, why = dali_available()
+            if ok:
+                return "dali"
+            if kind == "dali":
+                self.log(f"warning: data.loader=dali but DALI is unavailable ({why}); using the torchvision loader")
+            return "torchvision"
+        return kind
+
+    # ================================================================ loaders
+    def _train_loader(self, idx: torch.Tensor, labels: torch.Tensor, extra, seed: int, batch_size: int):
+        if self.ds.resident:
+            return ResidentTrainLoader(self.x_train, idx, labels, extra, batch_size, self.device, self.dist.rank,
+                                       self.dist.world, seed)
+        files = [self.ds.train.files[i] for i in idx.tolist()]
+        cls = self._file_loader_classes()[0]
+        return cls(files, labels, extra, batch_size, self.device, self.dist.rank, self.dist.world, seed,
+                   image_size=self.cfg.data.image_size, num_workers=self.cfg.data.num_workers)
+
+    def _eval_loader(self, split: str, idx: torch.Tensor, labels: torch.Tensor, flip: bool = False):
+        bs = self.cfg.train.eval_batch_size
+        if self.ds.resident:
+            images = self.x_train if split == "train" else self.x_test
+            return ResidentEvalLoader(images, idx, labels, bs, self.device, self.dist.rank, self.dist.world, flip)
+        src = self.ds.train if split == "train" else self.ds.test
+        files = [src.files[i] for i in idx.tolist()]
+        cls = self._file_loader_classes()[1]
+        loader = cls(files, labels, bs, self.device, self.dist.rank, self.dist.world,
+                     image_size=self.cfg.data.image_size, resize=self.cfg.data.resize,
+                     num_workers=self.cfg.data.num_workers)
+        if flip:
+            return ((x.flip(3), y, p) for x, y, p in loader)
+        return loader
+
+    def _file_loader_classes(self):
+        if self.file_loader_kind == "dali":
+            from ..data.dali import DaliEvalLoader, DaliTrainLoader
+            return DaliTrainLoader, DaliEvalLoader
+        from ..data.torchvision_loader import TorchvisionEvalLoader, TorchvisionTrainLoader
+        return TorchvisionTrainLoader, TorchvisionEvalLoader
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.cfg.train.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    # ================================================================ features (sharded, gathered)
+    @torch.no_grad()
+    def features(self, model, split: str, idx: torch.Tensor, flip: bool = False, with_logits: bool = False):
+        """Eval-mode, un-augmented features of `idx` (all ranks' shares gathered: identical on every rank)."""
+        model.eval()
+        n = len(idx)
+        d = model.feature_dim
+        feats = torch.zeros(n, d, device=self.device)
+        logits = torch.zeros(n, model.num_classes, device=self.device) if with_logits else None
+        labels = torch.zeros(n, dtype=torch.long)
+        got = torch.zeros(n, dtype=torch.bool, device=self.device)
+        for x, _, pos in self._eval_loader(split, idx, labels, flip):
+            with self._autocast():
+                if with_logits:
+                    out = model(self._fmt(x), return_all=True)
+                    f, lg = out.features, out.logits
+                else:
+                    f = model.features(self._fmt(x))
+            feats[pos] = f.float()
+            got[pos] = True
+            if with_logits:
+                logits[pos] = lg.float()
+        pos = torch.nonzero(got).flatten()
+        feats = D.gather_by_position(feats[pos], pos, n, self.dist)
+        if with_logits:
+            logits = D.gather_by_position(logits[pos], pos, n, self.dist)
+            return feats, logits
+        return feats
+
+    @torch.no_grad()
+    def pixel_features(self, model, pixels: torch.Tensor, flip: bool = False) -> torch.Tensor:
+        model.eval()
+        out = []
+        for s in range(0, len(pixels), self.cfg.train.eval_batch_size):
+            x = pixels[s:s + self.cfg.train.eval_batch_size].to(self.device).float()
+            with self._autocast():
+                out.append(model.features(self._fmt(x.flip(3) if flip else x)).float())
+        return torch.cat(out) if out else torch.zeros(0, model.feature_dim, device=self.device)
+
+    def _fmt(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda" and self.cfg.train.channels_last:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    # ================================================================ one phase
+    def run(self) -> dict:
+        self.setup()
+        start = self._resume()
+        for phase in range(start, len(self.phases)):
+            self.run_phase(phase)
+            if self.cfg.run.stop_after_phase == phase:
+                self.log(f"stopping after phase {phase} (run.stop_after_phase)")
+                break
+        summary = self.metrics.summary()
+        if self.dist.is_main and len(self.metrics.phases):
+            self.log(format_table(self.metrics))
+        self.runlog.close()
+        D.barrier(self.dist)
+        return summary
+
+    def run_phase(self, phase: int):
+        cfg, ph = self.cfg, self.phases
+        t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        new = ph.new_classes(phase)
+        info = PhaseInfo(phase, new.start, len(new))
+        phase_seed = cfg.seed * 1000 + phase   # every phase seeded on its own: resuming changes nothing
+        torch.manual_seed(phase_seed)
+        self.log(f"\n==== phase {phase}/{len(ph) - 1}: classes {new.start}..{new.stop - 1} "
+                 f"({ph.classes_up_to(phase)} seen)")
+
+        # ---- data of this phase: new-class images + exemplars, as index tensors
+        new_mask = (self.y_train >= new.start) & (self.y_train < new.stop)
+        new_idx = torch.nonzero(new_mask).flatten()
+        ex_idx, ex_lab = self.memory.index_exemplars()
+        train_idx = torch.cat([new_idx, ex_idx])
+        train_lab = torch.cat([self.y_train[new_idx], ex_lab])
+        extra = self.memory.pixel_exemplars()
+
+        # ---- model: phase 0 from scratch; later phases grow the head, imprint, keep the frozen teacher
+        partial = self._load_partial(phase)
+        if phase == 0:
+            model = build_model(cfg.model.arch, self.ds.mean, self.ds.std, num_classes=len(new)).to(self.device)
+            teacher = None
+        else:
+            teacher = copy.deepcopy(self.model).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            model = self.model
+            model.grow(len(new), weight_transfer=cfg.model.weight_transfer)
+            model.to(self.device)
+            if partial is None:
+                feats = self.features(teacher, "train", new_idx)
+                labs = self.y_train[new_idx].to(self.device)
+                imprint_weights(model.head, [feats[labs == c] for c in new])
+        if partial is not None:
+            model.load_state_dict(partial["model"])
+        self.model = model
+
+        # ---- model level: train
+        epochs = cfg.train.phase0_epochs if phase == 0 and cfg.train.phase0_epochs > 0 else cfg.train.epochs
+        loader = self._train_loader(train_idx, train_lab, extra, phase_seed, cfg.train.batch_size)
+        stats = self.train_model(model, teacher, loader, info, epochs, cfg.train.lr, cfg.train.milestones,
+                                 partial=partial)
+        if cfg.method.class_balanced_finetune and phase > 0:
+            self.class_balanced_finetune(model, teacher, info, phase_seed)
+
+        # ---- exemplars: select for the new classes (fixed memory trims the old ones first)
+        m = exemplars_per_class(cfg.memory.kind, ph.classes_up_to(phase), cfg.memory.per_class, cfg.memory.total)
+        if cfg.memory.kind == "fixed":
+            self.memory.trim(m)
+        self.select_exemplars(model, new, new_idx, m, phase_seed)
+        if cfg.mnemonics.enabled:
+            self.optimise_exemplars(model, info, new_idx, phase_seed)
+
+        # ---- class means (NME) and evaluation on all seen classes
+        self.class_means = self.compute_class_means(model, ph.classes_up_to(phase))
+        results = self.evaluate(model, phase)
+        wall = time.perf_counter() - t0
+        peak = (torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        self.metrics.add_phase(phase, results, {
+            "num_classes": ph.classes_up_to(phase), "wall_s": wall, "train_s": stats["train_s"],
+            "train_img_per_s": stats["img_per_s"], "peak_mem_mb": peak, "memory_exemplars": len(self.memory),
+            "memory_bytes": self.memory.nbytes(self.image_bytes), "epochs": epochs, "final_loss": stats["loss"],
+        })
+        self.log(f"phase {phase}: top 1 accuracy CNN: {results['cnn']['top1']:.2f}  NME: {results['nme']['top1']:.2f}"
+                 f"  | {wall:.1f} s, train {stats['img_per_s']:.0f} img/s")
+        for kind in ("cnn", "nme"):
+            self.runlog.scalar(f"top1/{kind}", results[kind]["top1"], phase)
+        self.save_checkpoint(phase)
+        self.runlog.write(self.metrics, self._run_header())
+        return teacher
+
+    # ================================================================ model level
+    def train_model(self, model, teacher, loader, info: PhaseInfo, epochs: int, lr: float, milestones, partial=None,
+                    head_only: bool = False) -> dict:
+        cfg = self.cfg.train
+        params = [p for n, p in model.named_parameters() if p.requires_grad and (not head_only or n.startswith("head."))]
+        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=cfg.gamma)
+        start_epoch = 0
+        if partial is not None:
+            opt.load_state_dict(partial["optimizer"])
+            sched.load_state_dict(partial["scheduler"])
+            start_epoch = partial["epoch"] + 1
+            self.log(f"resuming phase {info.phase} at epoch {start_epoch}")
+        if self.device.type == "cuda" and self.cfg.train.channels_last:
+            model.to(memory_format=torch.channels_last)
+        net = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
+            if self.dist.enabled else model
+        n_img, t_train, last = 0, 0.0, float("nan")
+        bar = self._bar(epochs * len(loader), f"phase {info.phase} train")
+        if bar is not None:
+            bar.update(start_epoch * len(loader))
+        for epoch in range(start_epoch, epochs):
+            loader.set_epoch(epoch)
+            model.train()
+            if head_only:  # class-balanced fine-tuning keeps BN frozen
+                model.backbone.eval()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            te = time.perf_counter()
+            tot, cnt = torch.zeros((), device=self.device), 0
+            for x, y in loader:
+                x = self._fmt(x)
+                with self._autocast():
+                    out = net(x, return_all=True)
+                    t_out = None
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_out = teacher(x, return_all=True)
+                    loss, _ = self.method.loss(out, y, t_out, info)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot += loss.detach()
+                cnt += 1
+                n_img += len(y) * self.dist.world
+                if bar is not None:
+                    bar.update(1)
+            sched.step()  # after the epoch: stepping before it would shift the whole schedule by one (SPEC §7)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t_train += time.perf_counter() - te
+            last = float(tot / max(cnt, 1))
+            if bar is not None:
+                bar.set_postfix(loss=f"{last:.3f}", lr=f"{sched.get_last_lr()[0]:.3g}")
+            self.runlog.scalar(f"loss/phase{info.phase}", last, epoch)
+            every = self.cfg.run.checkpoint_every
+            if not head_only and every > 0 and (epoch + 1) % every == 0 and epoch + 1 < epochs:
+                self._save_partial(info.phase, epoch, model, opt, sched)
+        if bar is not None:
+            bar.close()
+        if self.device.type == "cuda" and self.cfg.train.channels_last:
+            model.to(memory_format=torch.contiguous_format)
+        self._last_opt = (opt, sched)
+        return {"train_s": t_train, "img_per_s": n_img / t_train if t_train > 0 else 0.0, "loss": last}
+
+    def class_balanced_finetune(self, model, teacher, info: PhaseInfo, seed: int) -> None:
+        """LUCIR's ImageNet option: train only the head on a class-balanced exemplar set (this phase's new classes
+        subsampled to the memory size), BN frozen, same loss."""
+        cfg = self.cfg
+        m = exemplars_per_class(cfg.memory.kind, info.num_old + info.num_new, cfg.memory.per_class, cfg.memory.total)
+        g = torch.Generator().manual_seed(seed + 7)
+        idx, lab = self.memory.index_exemplars()
+        new_idx, new_lab = [], []
+        for c in range(info.num_old, info.num_old + info.num_new):
+            cidx = torch.nonzero(self.y_train == c).flatten()
+            pick = cidx[random_selection(len(cidx), m, g)]
+            new_idx.append(pick)
+            new_lab.append(torch.full((len(pick),), c, dtype=torch.long))
+        loader = self._train_loader(torch.cat([idx] + new_idx), torch.cat([lab] + new_lab),
+                                    self.memory.pixel_exemplars(), seed + 7, cfg.train.batch_size)
+        self.log(f"class-balanced fine-tuning: {cfg.method.cbf_epochs} epochs on {loader.n} images")
+        self.train_model(model, teacher, loader, info, cfg.method.cbf_epochs, cfg.method.cbf_lr,
+                         cfg.method.cbf_milestones, head_only=True)
+
+    # ================================================================ exemplar level
+    def select_exemplars(self, model, new: range, new_idx: torch.Tensor, m: int, seed: int) -> None:
+        """Herding (or seeded random) over each new class's training images, on features gathered from all ranks;
+        the rankings are broadcast from rank 0 so every rank stores the identical memory."""
+        sel = self.cfg.mnemonics.init if self.cfg.mnemonics.enabled else self.cfg.memory.selection
+        labs = self.y_train[new_idx]
+        rankings = {}
+        if sel == "herding":
+            feats = self.features(model, "train", new_idx).cpu()
+            for c in new:
+                mask = labs == c
+                rankings[c] = new_idx[mask][herding(feats[mask], m)]
+        else:
+            g = torch.Generator().manual_seed(seed + 1)
+            for c in new:
+                cidx = new_idx[labs == c]
+                rankings[c] = cidx[random_selection(len(cidx), m, g)]
+        rankings = D.broadcast_object(rankings, self.dist)
+        for c, r in rankings.items():
+            self.memory.set_class(c, r)
+
+    def optimise_exemplars(self, model, info: PhaseInfo, new_idx: torch.Tensor, seed: int) -> None:
+        from ..methods.mnemonics_plugin import run_mnemonics
+        run_mnemonics(self, model, info, new_idx, seed)
+
+    def exemplar_pixels(self, c: int) -> torch.Tensor:
+        """Float [m, 3, S, S] in [0, 1] of class c's exemplars (stored pixels, or the real images of its ranking)."""
+        if c in self.memory.pixels:
+            p = self.memory.pixels[c]
+            return p.float() / 255.0 if p.dtype == torch.uint8 else p.float()
+        idx = self.memory.ranking[c]
+        if self.ds.resident:
+            return self.x_train[idx.to(self.device)].float() / 255.0
+        # File-backed (ImageNet): decode with the eval transform, each rank its share, then gathered.
+        s = self.cfg.data.image_size
+        xs = torch.zeros(len(idx), 3, s, s, device=self.device)
+        got = torch.zeros(len(idx), dtype=torch.bool, device=self.device)
+        for x, _, pos in self._eval_loader("train", idx, torch.zeros(len(idx), dtype=torch.long)):
+            xs[pos] = x.float()
+            got[pos] = True
+        pos = torch.nonzero(got).flatten()
+        return D.gather_by_position(xs[pos], pos, len(idx), self.dist)
+
+    @torch.no_grad()
+    def compute_class_means(self, model, num_seen: int) -> torch.Tensor:
+        flip = self.cfg.method.nme_view == "plain+flip"
+        means = torch.zeros(num_seen, model.feature_dim, device=self.device)
+        idx, lab = self.memory.index_exemplars()
+        if len(idx):
+            f = self.features(model, "train", idx)
+            ff = self.features(model, "train", idx, flip=True) if flip else None
+            lab = lab.to(self.device)
+            for c in lab.unique().tolist():
+                mask = lab == c
+                means[c] = class_mean(f[mask], ff[mask] if ff is not None else None)
+        px = self.memory.pixel_exemplars()
+        if px is not None:
+            f = self.pixel_features(model, px[0])
+            ff = self.pixel_features(model, px[0], flip=True) if flip else None
+            lab = px[1].to(self.device)
+            for c in lab.unique().tolist():
+                mask = lab == c
+                means[c] = class_mean(f[mask], ff[mask] if ff is not None else None)
+        return means
+
+    # ================================================================ evaluation
+    @torch.no_grad()
+    def evaluate(self, model, phase: int) -> dict:
+        n_seen = self.phases.classes_up_to(phase)
+        test_idx = torch.nonzero(self.y_test < n_seen).flatten()
+        y = self.y_test[test_idx].to(self.device)
+        feats, logits = self.features(model, "test", test_idx, with_logits=True)
+        ph = self.phases
+        groups = torch.where(y < ph.base, 0, 1 + (y - ph.base) // max(ph.per_phase, 1))
+        nme_scores = F.normalize(feats, dim=1) @ self.class_means.T
+        results = {}
+        for kind, scores in (("cnn", logits), ("nme", nme_scores)):
+            k = min(5, scores.shape[1])
+            top = scores.topk(k, dim=1).indices
+            correct1 = top[:, 0] == y
+            correct5 = (top == y[:, None]).any(1)
+            group_acc = [float(correct1[groups == g].float().mean() * 100) for g in range(phase + 1)]
+            results[kind] = {"top1": float(correct1.float().mean() * 100), "top5": float(correct5.float().mean() * 100),
+                             "groups": group_acc}
+        assert torch.equal(nme_scores.argmax(1), nme_predict(feats, self.class_means))
+        return results
+
+    # ================================================================ checkpoints
+    def _run_header(self) -> dict:
+        import numpy
+        return {"config": to_dict(self.cfg), "class_order": self.order, "versions": {
+            "mnemonics_fast": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version(), "cuda": torch.version.cuda,
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor()
+            or "cpu"}, "world_size": self.dist.world, "memory_kind": self.cfg.memory.kind}
+
+    def _ckpt_path(self, phase: int) -> Path:
+        return self.ckpt_dir / f"phase_{phase:03d}.pt"
+
+    def save_checkpoint(self, phase: int) -> None:
+        if not self.dist.is_main:
+            D.barrier(self.dist)
+            return
+        opt, sched = self._last_opt
+        state = {
+            "phase": phase, "structure": self.model.structure(), "model": self.model.state_dict(),
+            "memory": self.memory.state_dict(), "class_means": self.class_means.cpu(),
+            "metrics": self.metrics.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if
+                    torch.cuda.is_available() else None},
+            "config": to_dict(self.cfg), "class_order": self.order, "version": __version__,
+        }
+        atomic_torch_save(state, self._ckpt_path(phase))   # temp file + fsync + rename
+        partial = self.ckpt_dir / "partial.pt"
+        if partial.exists():
+            partial.unlink()
+        D.barrier(self.dist)
+
+    def _save_partial(self, phase: int, epoch: int, model, opt, sched) -> None:
+        if self.dist.is_main:
+            atomic_torch_save({"phase": phase, "epoch": epoch, "structure": model.structure(),
+                               "model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict()}, self.ckpt_dir / "partial.pt")
+        D.barrier(self.dist)
+
+    def _load_partial(self, phase: int):
+        p = self.ckpt_dir / "partial.pt"
+        if self.cfg.run.resume != "auto" or not p.is_file():
+            return None
+        state = torch.load(p, map_location=self.device, weights_only=False)
+        return state if state["phase"] == phase else None
+
+    def _resume(self) -> int:
+        """Continue after the last complete phase checkpoint (run.resume=auto). Returns the phase to start at."""
+        if self.cfg.run.resume != "auto" or not self.ckpt_dir.is_dir():
+            if self.cfg.run.resume == "never" and self.dist.is_main and self.ckpt_dir.is_dir():
+                for f in self.ckpt_dir.glob("*.pt"):
+                    f.unlink()
+            D.barrier(self.dist)
+            return 0
+        done = sorted(self.ckpt_dir.glob("phase_*.pt"))
+        if not done:
+            return 0
+        last = done[-1]
+        try:
+            state = torch.load(last, map_location=self.device, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a corrupt file must name itself
+            raise RuntimeError(f"checkpoint {last} cannot be read ({e}); delete it to resume from the one before")
+        for key in ("protocol", "data", "model", "memory", "method"):
+            if state["config"][key] != to_dict(self.cfg)[key]:
+                raise ConfigError(f"run.resume=auto: checkpoint {last} was written with a different '{key}' section; "
+                                  f"use another run.name or run.resume=never")
+        if state["class_order"] != self.order:
+            raise ConfigError(f"checkpoint {last}: class order differs from this config's")
+        self.model = build_model(self.cfg.model.arch, self.ds.mean, self.ds.std, structure=state["structure"])
+        self.model.load_state_dict(state["model"])
+        self.model.to(self.device)
+        self.memory.load_state_dict(state["memory"])
+        self.class_means = state["class_means"].to(self.device)
+        self.metrics.load_state_dict(state["metrics"])
+        self.log(f"resumed from {last} (phase {state['phase']} complete)")
+        return state["phase"] + 1
+
+
+def run_from_config(cfg: Config, dist_info: D.DistInfo | None = None) -> dict:
+    return Trainer(cfg, dist_info).run()
+
+
