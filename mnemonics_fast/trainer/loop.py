@@ -395,7 +395,7 @@ class Trainer:
             self.memory.set_class(c, r)
 
     def optimise_exemplars(self, model, info: PhaseInfo, new_idx: torch.Tensor, seed: int) -> None:
-        from ..methods.mnemonics_plugin import run_mnemonics
+        from .mnemonics_stage import run_mnemonics
         run_mnemonics(self, model, info, new_idx, seed)
 
     def exemplar_pixels(self, c: int) -> torch.Tensor:
