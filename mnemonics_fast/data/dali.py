@@ -20,7 +20,6 @@ decoding, cropping, resizing and the flip; Python only hands it a list of paths 
 """
 from __future__ import annotations
 
-import math
 from collections import deque
 
 import numpy as np
@@ -179,17 +178,19 @@ class DaliTrainLoader:
     def __iter__(self):
         parts = [split_batch(b, self.num_files) for b in self.plan()]
         decoded = self.runner.run([f for f, _ in parts])
-        for files, rows in parts:
-            xs, ys = [], []
-            if len(files):
-                xs.append(next(decoded))
-                ys.append(self.labels[torch.from_numpy(files).to(self.device)])
-            if len(rows):
-                xe, ye = self.extra.take(rows)
-                xs.append(xe)
-                ys.append(ye)
-            yield (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
-        decoded.close()
+        try:
+            for files, rows in parts:
+                xs, ys = [], []
+                if len(files):
+                    xs.append(next(decoded))
+                    ys.append(self.labels[torch.from_numpy(files).to(self.device)])
+                if len(rows):
+                    xe, ye = self.extra.take(rows)
+                    xs.append(xe)
+                    ys.append(ye)
+                yield (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
+        finally:
+            decoded.close()  # an epoch left early drains DALI's in-flight steps
 
     def close(self):
         self.runner.close()
@@ -220,11 +221,13 @@ class DaliEvalLoader:
         batches = eval_plan(self.num_files, self.batch_size, self.rank, self.world)
         decoded = self.runner.run(batches)
         S = self.image_size
-        for b in batches:
-            pos = torch.from_numpy(b).to(self.device)
-            x = next(decoded) if len(b) else torch.empty(0, 3, S, S, device=self.device)
-            yield x, self.labels[pos], pos
-        decoded.close()
+        try:
+            for b in batches:
+                pos = torch.from_numpy(b).to(self.device)
+                x = next(decoded) if len(b) else torch.empty(0, 3, S, S, device=self.device)
+                yield x, self.labels[pos], pos
+        finally:
+            decoded.close()
 
     def close(self):
         self.runner.close()

@@ -1,0 +1,30 @@
+// Declarations shared by the extension's translation units (ops.cpp, cosine_linear.cu, exemplar_sgd.cu).
+#pragma once
+
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+
+namespace mnemonics_fast {
+
+// ---- cosine_linear (cosine_linear.cu) ---------------------------------------------------------------------------
+at::Tensor cosine_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& sigma);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_linear_backward_cuda(const at::Tensor& grad_out,
+                                                                           const at::Tensor& out,
+                                                                           const at::Tensor& x,
+                                                                           const at::Tensor& weight,
+                                                                           const at::Tensor& sigma);
+
+// Which implementation cosine_linear uses on CUDA: 0 = auto (by problem size), 1 = fused SIMT kernels,
+// 2 = cuBLAS GEMMs between normalise/epilogue kernels. Process-wide; set from Python (ops/cosine.py).
+void set_cosine_linear_path(int path);
+int get_cosine_linear_path();
+
+// CUDART_VERSION the .cu files were compiled with (e.g. 13000).
+int cuda_runtime_version_built();
+
+// ---- exemplar_sgd_step_ (exemplar_sgd.cu) -----------------------------------------------------------------------
+void exemplar_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                            double lr, double momentum, double weight_decay, double clamp_min, double clamp_max);
+
+}  // namespace mnemonics_fast
