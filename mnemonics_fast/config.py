@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,8 @@ class MnemonicsConfig:
     query_batch_size: int = 128    # real images per outer step (global; split over ranks)
     storage: str = "float"         # float | uint8 (rounded) between phases
     exemplar_chunk: int = 0        # 0: whole exemplar batch at once; else chunk size (224x224 memory)
+    bf16: bool = False             # CUDA: bf16 autocast for the exemplar level's forward passes
+    cuda_graph: bool = False       # CUDA: replay one outer step's gradient computation as a CUDA graph
 
 
 @dataclass
@@ -146,6 +149,7 @@ CHOICES = {
 }
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _check_type(key: str, value, tp):
@@ -157,6 +161,8 @@ def _check_type(key: str, value, tp):
         return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+        return float(value)   # PyYAML (YAML 1.1) reads `5e-4`, without a dot, as a string
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool) \
             or not isinstance(value, tp):
         raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {type(value).__name__} ({value!r})")

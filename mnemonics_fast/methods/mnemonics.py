@@ -144,7 +144,7 @@ def _proto_loss_from_means(ex_features: torch.Tensor, avg: torch.Tensor, present
     if class_means is not None:
         means = torch.where(present.unsqueeze(1), means, class_means.to(means.dtype))
     logits = F.linear(F.normalize(query_features, dim=1), F.normalize(means, dim=1))  # plain cosines: no sigma
-    return F.cross_entropy(logits.float(), query_labels)
+    return F.cross_entropy(_upcast(logits), query_labels)
 
 
 def proto_loss(exemplar_features: torch.Tensor, labels: torch.Tensor, query_features: torch.Tensor,
@@ -173,6 +173,11 @@ def proto_loss(exemplar_features: torch.Tensor, labels: torch.Tensor, query_feat
 # ======================================================================================================================
 # One outer step's exemplar gradient (pure: no side effects, so it can be captured in a CUDA graph)
 # ======================================================================================================================
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """Losses in at least float32 (autocast's bf16 logits are upcast; float64 stays float64 for the tests)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module under DDP: its hooks must not see our inner-loop gradients (and they are not needed here)."""
@@ -237,7 +242,7 @@ class _ExemplarGrad:
 
     def _call(self, theta: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            return functional_call(self.module, dict(zip(self.names, theta)), (x,)).float()
+            return _upcast(functional_call(self.module, dict(zip(self.names, theta)), (x,)))
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         with self._autocast():
@@ -363,7 +368,7 @@ class _ExemplarGrad:
             qf = self._features(qx)
         fd, f = self._exemplar_features(bank)
         f_all = fd if self.fixed_f is None else torch.cat([fd, self.fixed_f])
-        loss_val = _proto_loss_from_means(f_all.float(), self.avg, self.present, self.class_means, qf.float(), qy)
+        loss_val = _proto_loss_from_means(_upcast(f_all), self.avg, self.present, self.class_means, _upcast(qf), qy)
         (gf,) = torch.autograd.grad(loss_val, fd)
         return self._backbone_vjp(bank, f, gf), loss_val.detach()
 

@@ -1,0 +1,132 @@
+"""mnemonics_fast::cosine_linear: out = sigma * normalize(x) @ normalize(weight).T, with its registrations.
+
+Dispatch:
+    CUDA      the fused kernels / cuBLAS path of csrc/cosine_linear.cu (reference + one warning if not built)
+    CPU       reference_cosine_linear
+    Meta/fake shape functions below (torch.compile, opcheck)
+    Autograd  backward is the op cosine_linear_backward (CUDA kernels / reference_cosine_linear_backward on CPU);
+              its own backward (double backward, e.g. mnemonics' unrolled inner step) differentiates the reference
+              formula, so higher-order gradients are exact but run as plain PyTorch.
+    Autocast  x and weight are cast to the autocast dtype (like F.linear), sigma is left alone; the op then runs in
+              that dtype (fp32 accumulation) and returns it.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _extension as ext
+from .reference import reference_cosine_linear, reference_cosine_linear_backward
+
+_fwd = ext.op("cosine_linear")
+_bwd = ext.op("cosine_linear_backward")
+
+
+# ---- implementations --------------------------------------------------------------------------------------------
+ext.impl_lib.impl("cosine_linear", reference_cosine_linear, "CPU")
+ext.impl_lib.impl("cosine_linear_backward", reference_cosine_linear_backward, "CPU")
+
+if not ext.KERNELS:
+    def _cosine_linear_cuda_fallback(x, weight, sigma):
+        ext.warn_no_kernels_once()
+        return reference_cosine_linear(x, weight, sigma)
+
+    def _cosine_linear_backward_cuda_fallback(grad_out, out, x, weight, sigma):
+        ext.warn_no_kernels_once()
+        return reference_cosine_linear_backward(grad_out, out, x, weight, sigma)
+
+    ext.impl_lib.impl("cosine_linear", _cosine_linear_cuda_fallback, "CUDA")
+    ext.impl_lib.impl("cosine_linear_backward", _cosine_linear_backward_cuda_fallback, "CUDA")
+
+
+# ---- fake (meta) kernels ----------------------------------------------------------------------------------------
+def _check_inputs(x, weight, sigma):
+    torch._check(x.dim() == 2, lambda: f"cosine_linear: x must be 2-D [B, D], got shape {tuple(x.shape)}")
+    torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[1],
+                 lambda: f"cosine_linear: weight must be [C, D] with D = {x.shape[1]}, got {tuple(weight.shape)}")
+    torch._check(sigma.dim() == 0, lambda: f"cosine_linear: sigma must be 0-dim, got shape {tuple(sigma.shape)}")
+    torch._check(x.dtype == weight.dtype,
+                 lambda: f"cosine_linear: x and weight dtypes differ ({x.dtype}, {weight.dtype})")
+
+
+@torch.library.register_fake("mnemonics_fast::cosine_linear")
+def _cosine_linear_fake(x, weight, sigma):
+    _check_inputs(x, weight, sigma)
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("mnemonics_fast::cosine_linear_backward")
+def _cosine_linear_backward_fake(grad_out, out, x, weight, sigma):
+    _check_inputs(x, weight, sigma)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), sigma.new_empty(sigma.shape)
+
+
+# ---- autograd ---------------------------------------------------------------------------------------------------
+def _setup_context(ctx, inputs, output):
+    x, weight, sigma = inputs
+    ctx.save_for_backward(x, weight, sigma, output)
+
+
+def _backward(ctx, grad_out):
+    x, weight, sigma, out = ctx.saved_tensors
+    return _bwd(grad_out, out, x, weight, sigma)
+
+
+torch.library.register_autograd("mnemonics_fast::cosine_linear", _backward, setup_context=_setup_context)
+
+
+def _backward_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _double_backward(ctx, *grads):
+    """Vector-Jacobian product of reference_cosine_linear_backward w.r.t. (grad_out, out, x, weight, sigma)."""
+    saved, needs = ctx.saved_tensors, ctx.needs_input_grad
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        ins = [t if n else t.detach() for t, n in zip(saved, needs)]
+        outs = reference_cosine_linear_backward(*ins)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        wrt = [t for t, n in zip(ins, needs) if n]
+        if not pairs or not wrt:
+            return (None,) * len(needs)
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True,
+                                       create_graph=create_graph))
+    return tuple(next(got) if n else None for n in needs)
+
+
+torch.library.register_autograd("mnemonics_fast::cosine_linear_backward", _double_backward,
+                                setup_context=_backward_setup_context)
+
+
+# ---- autocast ---------------------------------------------------------------------------------------------------
+def _register_autocast(device_type: str) -> None:
+    """Like torch.library.register_autocast, but casting to the autocast dtype in effect at call time."""
+    key_name = {"cuda": "AutocastCUDA", "cpu": "AutocastCPU"}[device_type]
+    key = getattr(torch._C.DispatchKey, key_name)
+
+    def cast(t):
+        return t.to(torch.get_autocast_dtype(device_type)) if t.is_floating_point() and t.dtype != torch.float64 \
+            else t
+
+    def autocast_impl(x, weight, sigma):
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return _fwd(cast(x), cast(weight), sigma)
+
+    _fwd.py_impl(key)(autocast_impl)  # seen by the Python dispatcher while torch.compile traces
+    ext.impl_lib.impl("cosine_linear", autocast_impl, key_name)
+
+
+_register_autocast("cuda")
+_register_autocast("cpu")
+
+
+# ---- public wrapper ---------------------------------------------------------------------------------------------
+def cosine_linear(x: torch.Tensor, weight: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """sigma * normalize(x) @ normalize(weight).T (eps 1e-12 as F.normalize), differentiable in all three.
+
+    x: [B, D], weight: [C, D] (same dtype: float32, bfloat16 or float16; any strides), sigma: 0-dim floating
+    tensor on x's device. Returns [B, C] in x's dtype. float64 on CUDA runs the reference (the kernels are fp32 math).
+    """
+    if ext.KERNELS and x.dtype == torch.float64 and x.is_cuda:
+        return reference_cosine_linear(x, weight, sigma)
+    return _fwd(x, weight, sigma)

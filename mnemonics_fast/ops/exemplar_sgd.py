@@ -1,0 +1,81 @@
+"""mnemonics_fast::exemplar_sgd_step_: one fused SGD(momentum, weight decay) + clamp step over a list of tensors.
+
+Dispatch:
+    CUDA  one multi-tensor kernel launch for the whole list (csrc/exemplar_sgd.cu); reference + one warning if the
+          extension is not built
+    CPU   reference_exemplar_sgd_step_
+    fake  checks only (the op mutates its inputs and returns nothing)
+No autograd: it is an optimiser step; the wrapper runs it under torch.no_grad().
+
+Recommended usage: keep all exemplars in ONE contiguous bank tensor [N, 3, H, W] (with its grad and momentum buffer
+also single tensors) and pass one-element lists. That is a single sweep with float4 loads, needs no per-tensor
+bookkeeping on the host and can be captured in a CUDA graph. Lists of up to 64 tensors travel in the kernel
+arguments (also capturable); longer lists upload a pointer table per call, and the host-side cost of handing the op
+thousands of tensors grows linearly with their number.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _extension as ext
+from .reference import reference_exemplar_sgd_step_
+
+_op = ext.op("exemplar_sgd_step_")
+
+ext.impl_lib.impl("exemplar_sgd_step_", reference_exemplar_sgd_step_, "CPU")
+
+if not ext.KERNELS:
+    def _exemplar_sgd_step_cuda_fallback(params, grads, momentum_buffers, lr, momentum, weight_decay, clamp_min,
+                                         clamp_max):
+        ext.warn_no_kernels_once()
+        reference_exemplar_sgd_step_(params, grads, momentum_buffers, lr, momentum, weight_decay, clamp_min,
+                                     clamp_max)
+
+    ext.impl_lib.impl("exemplar_sgd_step_", _exemplar_sgd_step_cuda_fallback, "CUDA")
+
+
+def _exemplar_sgd_step_ad_inplace_or_view(keyset, params, grads, momentum_buffers, *scalars):
+    """Bump the version counters of the tensors the op writes (as torch.library.custom_op does for mutable ops), so
+    autograd notices if a graph saved them before the step. The CUDA kernel writes through raw pointers and would
+    not bump them itself."""
+    torch.autograd.graph.increment_version(params)
+    torch.autograd.graph.increment_version(momentum_buffers)
+    return _op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, params, grads, momentum_buffers, *scalars)
+
+
+ext.impl_lib.impl("exemplar_sgd_step_", _exemplar_sgd_step_ad_inplace_or_view, "ADInplaceOrView", with_keyset=True)
+
+
+@torch.library.register_fake("mnemonics_fast::exemplar_sgd_step_")
+def _exemplar_sgd_step_fake(params, grads, momentum_buffers, lr, momentum, weight_decay, clamp_min, clamp_max):
+    torch._check(len(params) == len(grads) == len(momentum_buffers),
+                 lambda: "exemplar_sgd_step_: params, grads and momentum_buffers must have the same length")
+    for i, (p, g, b) in enumerate(zip(params, grads, momentum_buffers)):
+        torch._check(g.shape == p.shape and b.shape == p.shape,
+                     lambda: f"exemplar_sgd_step_: shapes of params/grads/momentum_buffers[{i}] differ")
+    return None
+
+
+def exemplar_sgd_step_(params: Sequence[torch.Tensor] | torch.Tensor, grads: Sequence[torch.Tensor] | torch.Tensor,
+                       momentum_buffers: Sequence[torch.Tensor] | torch.Tensor, lr: float, momentum: float,
+                       weight_decay: float, clamp_min: float, clamp_max: float) -> None:
+    """In place, for every i (torch.optim.SGD semantics, then a clamp to the valid pixel range):
+
+        momentum_buffers[i] = momentum * momentum_buffers[i] + grads[i] + weight_decay * params[i]
+        params[i] = clamp(params[i] - lr * momentum_buffers[i], clamp_min, clamp_max)
+
+    Lists of float32 tensors of matching shapes, all on one device, contiguous. A single tensor is accepted in place
+    of a one-element list (the recommended exemplar bank). lr, momentum, weight decay: plain floats (per step).
+    """
+    if isinstance(params, torch.Tensor):
+        params, grads, momentum_buffers = [params], [grads], [momentum_buffers]
+    if not (len(params) == len(grads) == len(momentum_buffers)):
+        raise ValueError(f"exemplar_sgd_step_: params, grads and momentum_buffers must have the same length, got "
+                         f"{len(params)}, {len(grads)} and {len(momentum_buffers)}")
+    if len(params) == 0:
+        return
+    with torch.no_grad():
+        _op(params, grads, momentum_buffers, float(lr), float(momentum), float(weight_decay), float(clamp_min),
+            float(clamp_max))

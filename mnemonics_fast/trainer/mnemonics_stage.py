@@ -1,0 +1,69 @@
+"""The exemplar level of Mnemonics Training inside a phase (SPEC §5): after the model level has trained Theta_i,
+(b) optimise the new classes' exemplar pixels against the phase's real data, then (c) adjust the old classes'
+exemplars with the A/B half-split. The algorithm lives in methods/mnemonics.py; this file only wires the trainer's
+data and memory to it.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..data.resident import ResidentTrainLoader
+from ..methods.mnemonics import adjust_old_exemplars, optimise_exemplars, quantise_uint8
+
+
+def _cycle(loader):
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        for x, y in loader:
+            yield x, y
+        epoch += 1
+
+
+def _store(trainer, bank: torch.Tensor, labels: torch.Tensor, classes) -> None:
+    uint8 = trainer.cfg.mnemonics.storage == "uint8"
+    for c in classes:
+        px = bank[labels == c].detach()
+        # uint8 storage is rounded, never truncated (the released code truncates, which darkens images)
+        trainer.memory.pixels[c] = quantise_uint8(px).cpu() if uint8 else px.float().cpu()
+
+
+def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> None:
+    cfg = trainer.cfg.mnemonics
+    num_seen = info.num_old + info.num_new
+    new = list(range(info.num_old, num_seen))
+    common = dict(mode=cfg.mode, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, momentum=cfg.momentum,
+                  num_classes=num_seen, exemplar_chunk=cfg.exemplar_chunk or None,
+                  cuda_graph=cfg.cuda_graph and trainer.device.type == "cuda",
+                  autocast_dtype=torch.bfloat16 if cfg.bf16 and trainer.device.type == "cuda" else None,
+                  progress=trainer.cfg.run.progress and trainer.dist.is_main)
+
+    # (b) new classes: bilevel steps against augmented batches of the phase's real new-class data
+    pixels = torch.cat([trainer.exemplar_pixels(c) for c in new]).to(trainer.device)
+    labels = torch.cat([torch.full((len(trainer.memory.ranking[c]),), c, dtype=torch.long) for c in new])
+    labels = labels.to(trainer.device)
+    q_labels = trainer.y_train[new_idx]
+    if trainer.ds.resident:
+        qloader = ResidentTrainLoader(trainer.x_train, new_idx, q_labels, None, cfg.query_batch_size, trainer.device,
+                                      trainer.dist.rank, trainer.dist.world, seed + 3)
+    else:
+        qloader = trainer._train_loader(new_idx, q_labels, None, seed + 3, cfg.query_batch_size)
+    new_px = optimise_exemplars(model, pixels, labels, _cycle(qloader), outer_steps=cfg.outer_steps, lr=cfg.lr,
+                                class_means=trainer.class_means, **common)
+    _store(trainer, new_px, labels, new)
+    trainer.log(f"mnemonics (b): {len(labels)} exemplars of {len(new)} new classes, {cfg.outer_steps} outer steps, "
+                f"mean |change| {float((new_px - pixels).abs().mean()):.2e}")
+
+    # (c) old classes: every class split in halves A/B, each validated on the other (new classes included for balance)
+    if cfg.adjust_old and info.num_old > 0 and cfg.old_outer_steps > 0:
+        seen = list(range(num_seen))
+        bank = torch.cat([trainer.exemplar_pixels(c) for c in seen]).to(trainer.device)
+        lab = torch.cat([torch.full((len(trainer.memory.pixels[c]),), c, dtype=torch.long) for c in seen])
+        lab = lab.to(trainer.device)
+        g = torch.Generator().manual_seed(seed + 4)   # same seed on every rank: identical split
+        out = adjust_old_exemplars(model, bank, lab, outer_steps=cfg.old_outer_steps, lr=cfg.old_lr, generator=g,
+                                   query_batch_size=cfg.query_batch_size, class_means=trainer.class_means,
+                                   update_mask=lab < info.num_old, **common)
+        _store(trainer, out, lab, range(info.num_old))
+        trainer.log(f"mnemonics (c): adjusted {int((lab < info.num_old).sum())} old-class exemplars, "
+                    f"mean |change| {float((out - bank).abs().mean()):.2e}")

@@ -1,0 +1,389 @@
+"""Mnemonics exemplar level (methods/mnemonics.py): gradients, modes, pixel handling, the released surrogate."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from mnemonics_fast import ops
+from mnemonics_fast.exemplars.herding import herding, random_selection
+from mnemonics_fast.methods.mnemonics import (ExemplarOptimiser, adjust_old_exemplars, dequantise,
+                                              init_exemplars_from_indices, optimise_exemplars, proto_loss,
+                                              quantise_uint8, split_halves, stack_class_exemplars)
+from mnemonics_fast.models import IncrementalNet
+
+MEAN, STD = (0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023)
+NUM_OLD, NUM_NEW, HW = 4, 2, 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny convolutions: thread start-up dominates, and a shared 2-core box oversubscribes badly.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_model(dtype=torch.float64, seed=0, smooth=False) -> IncrementalNet:
+    """A phase-1 LUCIR model: ResNet-32 on 8x8 inputs, split head (4 frozen old rows + 2 new), non-trivial BN stats.
+
+    smooth: ReLU -> SiLU, for finite differences. With ReLU the bilevel objective is only piecewise smooth in the
+    pixels AND discontinuous: the inner gradient holds ReLU masks, so theta' jumps when a pre-activation crosses 0,
+    and a central difference over a step of 1e-5 already straddles such jumps."""
+    torch.manual_seed(seed)
+    m = IncrementalNet("resnet32", NUM_OLD, MEAN, STD)
+    m.grow(NUM_NEW)
+    if smooth:
+        for mod in m.modules():
+            if hasattr(mod, "relu"):
+                mod.relu = torch.nn.SiLU()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+        m.head.sigma.fill_(4.0)
+    return m.to(dtype)
+
+
+def make_data(dtype=torch.float64, m=6, b=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ex = torch.rand(m, 3, HW, HW, generator=g, dtype=dtype) * 0.8 + 0.1
+    ey = torch.arange(m) % (NUM_OLD + NUM_NEW)
+    qx = torch.rand(b, 3, HW, HW, generator=g, dtype=dtype)
+    qy = torch.randint(0, NUM_OLD + NUM_NEW, (b,), generator=g)
+    return ex, ey, qx, qy
+
+
+def val_loss(model, ex, ey, qx, qy, *, mode, alpha, steps):
+    """L_val(theta_T(E)) restated directly (values only, first-order autograd): the finite-difference oracle."""
+    module = model if mode == "full" else model.head
+    params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    inp = (lambda x: x) if mode == "full" else model.features
+    for _ in range(steps):
+        leaf = {n: v.clone().requires_grad_() for n, v in params.items()}
+        loss = F.cross_entropy(functional_call(module, leaf, (inp(ex),)), ey)
+        grads = torch.autograd.grad(loss, list(leaf.values()))
+        params = {n: v - alpha * g for (n, v), g in zip(params.items(), grads)}
+    return F.cross_entropy(functional_call(module, params, (inp(qx),)), qy)
+
+
+def exemplar_grad(model, ex, ey, qx, qy, **kw):
+    with ExemplarOptimiser(model, ex, ey, lr=0.0, **kw) as opt:
+        return opt.grad(qx, qy)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# gradients reach the pixels, and are the true derivative
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,steps", [("full", 1), ("full", 2), ("head", 1), ("head", 2)])
+def test_exemplar_gradient_matches_finite_differences(mode, steps):
+    model = make_model(smooth=True).eval()
+    ex, ey, qx, qy = make_data()
+    alpha = 0.1
+    grad, loss = exemplar_grad(model, ex, ey, qx, qy, mode=mode, inner_lr=alpha, inner_steps=steps)
+    assert grad.shape == ex.shape and grad.abs().sum() > 0, "no gradient reached the exemplar pixels"
+    ref_loss = val_loss(model, ex, ey, qx, qy, mode=mode, alpha=alpha, steps=steps)
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-10, atol=1e-12)
+
+    def fd(u, eps=1e-7):  # float64 central difference; truncation error ~ eps^2, rounding ~ 1e-16 / eps
+        lp = val_loss(model, ex + eps * u, ey, qx, qy, mode=mode, alpha=alpha, steps=steps)
+        lm = val_loss(model, ex - eps * u, ey, qx, qy, mode=mode, alpha=alpha, steps=steps)
+        return ((lp - lm) / (2 * eps)).detach()
+
+    g = torch.Generator().manual_seed(7)
+    dirs = [torch.randn(ex.shape, generator=g, dtype=ex.dtype) for _ in range(2)]
+    onehot = torch.zeros(ex.numel(), dtype=ex.dtype)
+    onehot[grad.abs().flatten().argmax()] = 1.0  # the largest-gradient pixel on its own
+    dirs.append(onehot.view_as(ex))
+    fds = [fd(u) for u in dirs]
+    for u, f in zip(dirs, fds):
+        torch.testing.assert_close((grad * u).sum(), f, rtol=1e-6, atol=1e-8)
+    if mode == "full" and steps == 2:  # the check is sharp enough to see the second-order terms
+        g_fo, _ = exemplar_grad(model, ex, ey, qx, qy, mode="first_order", inner_lr=alpha, inner_steps=steps)
+        worst = max(float(((g_fo * u).sum() - f).abs() / f.abs()) for u, f in zip(dirs, fds))
+        assert worst > 1e-4, worst
+
+
+def test_first_order_definition():
+    """first_order = full without the d theta_t / d theta_{t-1} Hessian terms: equal to full at T=1, non-zero, and
+    at T=2 equal to the restated sum of mixed terms: dE = -alpha * sum_t d<v_T, g(theta_{t-1}, E)>/dE."""
+    model = make_model().eval()
+    ex, ey, qx, qy = make_data()
+    alpha = 0.5
+    g_full1, _ = exemplar_grad(model, ex, ey, qx, qy, mode="full", inner_lr=alpha, inner_steps=1)
+    g_fo1, _ = exemplar_grad(model, ex, ey, qx, qy, mode="first_order", inner_lr=alpha, inner_steps=1)
+    torch.testing.assert_close(g_fo1, g_full1, rtol=1e-12, atol=1e-14)
+    g_full2, _ = exemplar_grad(model, ex, ey, qx, qy, mode="full", inner_lr=alpha, inner_steps=2)
+    g_fo2, _ = exemplar_grad(model, ex, ey, qx, qy, mode="first_order", inner_lr=alpha, inner_steps=2)
+    assert g_fo2.abs().sum() > 0
+    assert (g_fo2 - g_full2).abs().max() > 1e-8, "first_order should drop the Hessian terms at T=2"
+
+    # restatement
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    thetas = [[p.detach() for n, p in model.named_parameters() if p.requires_grad]]
+    for _ in range(2):
+        leaf = [p.clone().requires_grad_() for p in thetas[-1]]
+        loss = F.cross_entropy(functional_call(model, dict(zip(names, leaf)), (ex,)), ey)
+        thetas.append([p - alpha * gi for p, gi in zip(thetas[-1], torch.autograd.grad(loss, leaf))])
+    leaf = [p.clone().requires_grad_() for p in thetas[-1]]
+    v = torch.autograd.grad(F.cross_entropy(functional_call(model, dict(zip(names, leaf)), (qx,)), qy), leaf)
+    total = torch.zeros_like(ex)
+    for t in range(2):
+        e = ex.clone().requires_grad_()
+        params_t = [p.requires_grad_() for p in (q.detach() for q in thetas[t])]
+        loss = F.cross_entropy(functional_call(model, dict(zip(names, params_t)), (e,)), ey)
+        g = torch.autograd.grad(loss, params_t, create_graph=True)
+        dot = sum((gi * vi).sum() for gi, vi in zip(g, v))
+        total -= alpha * torch.autograd.grad(dot, e)[0]
+    torch.testing.assert_close(g_fo2, total, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode,steps", [("full", 2), ("first_order", 2), ("head", 2), ("proto", 1)])
+def test_chunked_equals_unchunked(mode, steps):
+    model = make_model().eval()
+    ex, ey, qx, qy = make_data(m=5)
+    fixed = (torch.rand(3, 3, HW, HW, dtype=ex.dtype), torch.tensor([0, 1, 5]))
+    kw = dict(mode=mode, inner_lr=0.5, inner_steps=steps, fixed_exemplars=fixed,
+              class_means=torch.randn(NUM_OLD + NUM_NEW, 64, dtype=ex.dtype))
+    g0, l0 = exemplar_grad(model, ex, ey, qx, qy, **kw)
+    g1, l1 = exemplar_grad(model, ex, ey, qx, qy, exemplar_chunk=2, **kw)
+    assert g0.abs().sum() > 0
+    torch.testing.assert_close(g1, g0, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the outer loop: labels, shapes, range, no side effects on the model
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_optimise_keeps_labels_shapes_range_and_init():
+    model = make_model(torch.float32)
+    ex, ey, qx, qy = make_data(torch.float32)
+    ex0, ey0 = ex.clone(), ey.clone()
+    out = optimise_exemplars(model, ex, ey, (qx, qy), mode="full", inner_lr=0.1, inner_steps=1, outer_steps=3,
+                             lr=1e4)  # a huge lr drives pixels into the clamp
+    assert out.shape == ex.shape and out.dtype == ex.dtype and not out.requires_grad
+    assert torch.equal(ex, ex0) and torch.equal(ey, ey0), "the init tensors must not be modified"
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert ((out == 0.0) | (out == 1.0)).float().mean() > 0.5, "clamping to [0, 1] not exercised"
+    assert out.data_ptr() != ex.data_ptr()
+
+
+@pytest.mark.parametrize("mode", ["full", "head", "proto"])
+def test_model_state_and_train_flags_unchanged(mode):
+    model = make_model(torch.float32)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ex, ey, qx, qy = make_data(torch.float32)
+    optimise_exemplars(model, ex, ey, (qx, qy), mode=mode, inner_lr=0.1, inner_steps=1, outer_steps=2, lr=0.1,
+                       class_means=torch.randn(NUM_OLD + NUM_NEW, 64))
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"{k} changed (BN running stats must stay fixed: eval mode)"
+    assert all(m.training for m in model.modules()), "training flags must be restored"
+    assert all(p.grad is None for p in model.parameters()), "the exemplar level must not leave .grad on the model"
+
+
+def test_validation_loss_decreases():
+    model = make_model(torch.float32)
+    ex, ey, qx, qy = make_data(torch.float32, m=6, b=16)
+    kw = dict(mode="full", inner_lr=0.5, inner_steps=1)
+    _, before = exemplar_grad(model, ex, ey, qx, qy, **kw)
+    out = optimise_exemplars(model, ex, ey, (qx, qy), outer_steps=10, lr=0.02, **kw)
+    _, after = exemplar_grad(model, out, ey, qx, qy, **kw)
+    assert after < before
+
+
+def test_pixel_sgd_step_equals_normalised_space_step():
+    """Documented equivalence: pixel lr beta == normalised-space lr beta / std_c^2 (no clamp hit, no weight decay)."""
+    model = make_model().eval()
+    ex, ey, qx, qy = make_data()
+    beta = 1e-3
+    kw = dict(mode="full", inner_lr=0.5, inner_steps=1)
+    grad, _ = exemplar_grad(model, ex, ey, qx, qy, **kw)
+    out = optimise_exemplars(model, ex, ey, (qx, qy), outer_steps=1, lr=beta, momentum=0.9, **kw)
+    std = model.input_std
+    z = ((ex - model.input_mean) / std).requires_grad_()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    pix = z * std + model.input_mean  # the exemplars as normalised-space parameters z
+    g = torch.autograd.grad(F.cross_entropy(model(pix), ey), params, create_graph=True)
+    fast = dict(zip(names, [p - 0.5 * gi for p, gi in zip(params, g)]))
+    gz, = torch.autograd.grad(F.cross_entropy(functional_call(model, fast, (qx,)), qy), z)
+    torch.testing.assert_close(gz, grad * std, rtol=1e-9, atol=1e-12)  # chain rule
+    z_new = z.detach() - (beta / std ** 2) * gz
+    torch.testing.assert_close(out, z_new * std + model.input_mean, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the released code's surrogate
+# ---------------------------------------------------------------------------------------------------------------------
+
+def released_proto_loss(feature_model, mnemonics, q_feature, q_targets, current_means_new, nb_cl, is_start):
+    """A direct re-statement of the released exemplar loss (class-incremental-learning/mnemonics-training/1_train/
+    trainer/mnemonics.py): mnemonics is [n_new_classes, m, 3, H, W]; per-class means of raw features; old rows are
+    the fixed class means; plain cosine logits; cross-entropy."""
+    total = torch.stack([torch.squeeze(torch.mean(feature_model(mnemonics[i]), dim=0)) for i in range(len(mnemonics))])
+    if is_start:
+        all_cls_means = total
+    else:
+        all_cls_means = current_means_new.clone()
+        all_cls_means[-nb_cl:] = total
+    logits = F.linear(F.normalize(torch.squeeze(q_feature), p=2, dim=1), F.normalize(all_cls_means, p=2, dim=1))
+    return F.cross_entropy(logits, q_targets)
+
+
+@pytest.mark.parametrize("is_start", [False, True])
+def test_proto_matches_released_objective(is_start):
+    model = make_model().eval()
+    per_class = 3
+    classes = list(range(NUM_OLD + NUM_NEW)) if is_start else list(range(NUM_OLD, NUM_OLD + NUM_NEW))
+    g = torch.Generator().manual_seed(3)
+    mnemonics = torch.rand(len(classes), per_class, 3, HW, HW, generator=g, dtype=torch.float64)
+    ex = mnemonics.flatten(0, 1)
+    ey = torch.tensor(classes).repeat_interleave(per_class)
+    _, _, qx, qy = make_data()
+    means = torch.nn.functional.normalize(torch.randn(NUM_OLD + NUM_NEW, 64, generator=g, dtype=torch.float64), dim=1)
+    class_means = None if is_start else means
+    with torch.no_grad():
+        qf = model.features(qx)
+    # the loss value: public proto_loss == restatement
+    ref = released_proto_loss(model.features, mnemonics, qf, qy, means, NUM_NEW, is_start)
+    ours = proto_loss(model.features(ex), ey, qf, qy, class_means=class_means, num_classes=NUM_OLD + NUM_NEW)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14)
+    # two optimiser steps: ours (pixel space, clamp never hit at this lr) == torch.optim.SGD on the restatement
+    lr, mom = 1e-3, 0.9
+    out = optimise_exemplars(model, ex, ey, (qx, qy), mode="proto", inner_lr=0.0, inner_steps=1, outer_steps=2,
+                             lr=lr, momentum=mom, class_means=class_means)
+    p = torch.nn.Parameter(mnemonics.clone())
+    opt = torch.optim.SGD([p], lr=lr, momentum=mom)
+    for _ in range(2):
+        opt.zero_grad()
+        released_proto_loss(model.features, p, qf, qy, means, NUM_NEW, is_start).backward()
+        opt.step()
+    torch.testing.assert_close(out, p.detach().flatten(0, 1), rtol=1e-10, atol=1e-13)
+
+
+def test_proto_needs_means_for_absent_classes():
+    model = make_model()
+    ex, _, qx, qy = make_data(m=2)
+    with pytest.raises(ValueError, match="class_means"):
+        optimise_exemplars(model, ex, torch.tensor([4, 5]), (qx, qy), mode="proto", inner_lr=0.0, inner_steps=1,
+                           outer_steps=1, lr=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pixels, init, split, adjustment
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_quantise_rounds_and_clips():
+    x = torch.tensor([128 / 255, 0.5019, 0.50196, 127.4 / 255, 1.3, -0.2, 1.0, 0.0, float("nan")])
+    q = quantise_uint8(x)
+    assert q.dtype == torch.uint8
+    assert q.tolist() == [128, 128, 128, 127, 255, 0, 255, 0, 0]
+    assert int(quantise_uint8(torch.tensor([0.50196]))) != int(torch.tensor(0.50196 * 255).to(torch.uint8)), \
+        "truncation would give 127"
+    r = torch.rand(1000)
+    assert (dequantise(quantise_uint8(r)) - r).abs().max() <= 0.5 / 255 + 1e-7
+    assert torch.equal(quantise_uint8(dequantise(q)), q)
+    with pytest.raises(TypeError):
+        dequantise(r)
+
+
+def test_initial_exemplars_are_distinct_images():
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(50, 3, HW, HW, generator=g) * 255).round().to(torch.uint8)
+    feats = torch.randn(50, 16, generator=g)
+    for idx in (herding(feats, 20), random_selection(50, 20, g)):
+        ex = init_exemplars_from_indices(images, idx)
+        assert ex.shape == (20, 3, HW, HW) and ex.dtype == torch.float32
+        assert ex.min() >= 0 and ex.max() <= 1
+        flat = ex.flatten(1)
+        assert torch.unique(flat, dim=0).shape[0] == 20, "the m exemplars of a class must be distinct images"
+        torch.testing.assert_close(ex, dequantise(images[idx]))
+    fl = torch.rand(10, 3, HW, HW, generator=g)
+    ex = init_exemplars_from_indices(fl, torch.tensor([3, 1]))
+    ex += 1
+    assert fl.max() <= 1, "init must copy, not view"
+    with pytest.raises(ValueError, match="distinct"):
+        init_exemplars_from_indices(images, torch.tensor([1, 2, 1]))
+    with pytest.raises(IndexError):
+        init_exemplars_from_indices(images, torch.tensor([50]))
+    bank, labels = stack_class_exemplars([fl[:2], fl[2:5]], [7, 3])
+    assert bank.is_contiguous() and labels.tolist() == [7, 7, 3, 3, 3]
+
+
+def test_split_halves_is_per_class_seeded_and_balanced():
+    labels = torch.tensor([0] * 5 + [1] * 4 + [2] * 1)
+    a, b = split_halves(labels, torch.Generator().manual_seed(5))
+    a2, b2 = split_halves(labels, torch.Generator().manual_seed(5))
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    assert sorted(torch.cat([a, b]).tolist()) == list(range(10))
+    assert [int((labels[a] == c).sum()) for c in range(3)] == [3, 2, 1]
+    assert [int((labels[b] == c).sum()) for c in range(3)] == [2, 2, 0]
+
+
+def test_adjust_old_exemplars_updates_only_old_classes():
+    model = make_model(torch.float32)
+    g = torch.Generator().manual_seed(2)
+    labels = torch.arange(NUM_OLD + NUM_NEW).repeat_interleave(4)
+    bank = torch.rand(labels.numel(), 3, HW, HW, generator=g) * 0.8 + 0.1
+    bank0 = bank.clone()
+    kw = dict(mode="full", inner_lr=0.5, inner_steps=1, outer_steps=2, lr=0.05, query_batch_size=6)
+    out = adjust_old_exemplars(model, bank, labels, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(bank, bank0)
+    changed = (out != bank).flatten(1).any(1)
+    old = labels < NUM_OLD
+    assert changed[old].all(), "every old exemplar (in A, then in B) should move"
+    assert not changed[~old].any(), "new-class exemplars only balance the split; they are not updated"
+    out2 = adjust_old_exemplars(model, bank, labels, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(out, out2), "seeded: the same generator state gives the same result"
+    only_first = torch.zeros_like(old)
+    only_first[0] = True
+    out3 = adjust_old_exemplars(model, bank, labels, generator=torch.Generator().manual_seed(0),
+                                update_mask=only_first, **kw)
+    assert (out3 != bank).flatten(1).any(1).tolist() == only_first.tolist()
+
+
+@pytest.mark.parametrize("kind", ["callable", "iterator", "iterable", "tuple"])
+def test_query_sources(kind):
+    model = make_model(torch.float32)
+    ex, ey, qx, qy = make_data(torch.float32)
+    batches = [(qx[:4], qy[:4]), (qx[4:], qy[4:])]
+    if kind == "callable":
+        it = iter(batches * 2)
+        query = lambda: next(it)  # noqa: E731
+    elif kind == "iterator":
+        query = iter(batches * 2)
+    elif kind == "iterable":
+        query = batches
+    else:
+        query = batches[0]
+    out = optimise_exemplars(model, ex, ey, query, mode="head", inner_lr=0.1, inner_steps=1, outer_steps=3, lr=0.1)
+    assert out.shape == ex.shape
+    if kind == "iterator":
+        with pytest.raises(RuntimeError, match="ran out"):
+            optimise_exemplars(model, ex, ey, iter(batches), mode="head", inner_lr=0.1, inner_steps=1,
+                               outer_steps=3, lr=0.1)
+
+
+def test_update_is_one_fused_launch_on_the_bank(monkeypatch):
+    calls = []
+    real = ops.exemplar_sgd_step_
+
+    def spy(params, grads, bufs, *args):
+        calls.append((len(params), params[0].shape, args))
+        return real(params, grads, bufs, *args)
+
+    monkeypatch.setattr(ops, "exemplar_sgd_step_", spy)
+    model = make_model(torch.float32)
+    ex, ey, qx, qy = make_data(torch.float32)
+    optimise_exemplars(model, ex, ey, (qx, qy), mode="head", inner_lr=0.1, inner_steps=1, outer_steps=2, lr=0.1,
+                       momentum=0.5, weight_decay=1e-4)
+    assert calls == [(1, ex.shape, (0.1, 0.5, 1e-4, 0.0, 1.0))] * 2
