@@ -1,0 +1,138 @@
+"""Plots of a run, written as PNG:
+
+    python -m mnemonics_fast.plots curve --run runs/NAME [--compare runs/OTHER ...]
+        accuracy per phase (CNN and NME) of one or several runs
+    python -m mnemonics_fast.plots tsne --run runs/NAME_OF_A_MNEMONICS_RUN [--classes 5] [--phases 0 LAST]
+        the paper's Figure 1: t-SNE of 5 classes' exemplars - random, herding and mnemonics - over the features of
+        those classes' real training images, in two phases (features from each phase's checkpointed model)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curve(runs: list[Path], out: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        m = json.loads((run / "metrics.json").read_text())
+        classes = [p["num_classes"] for p in m["phases"]]
+        for kind, style in (("cnn", "-o"), ("nme", "--s")):
+            avg = m["avg_incremental_acc"][kind]
+            ax.plot(classes, m["top1"][kind], style, ms=3, label=f"{run.name} {kind.upper()} (avg {avg:.2f})")
+    ax.set_xlabel("number of classes seen")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=150)
+    plt.close(fig)
+    return out
+
+
+def plot_tsne(run: Path, out: Path, num_classes: int = 5, phases: list[int] | None = None, seed: int = 0) -> Path:
+    """Needs a run with mnemonics enabled (pixels stored) and init=herding (rankings are the herding picks)."""
+    from sklearn.manifold import TSNE
+
+    from .config import load_config
+    from .data import class_order, load_dataset
+    from .models import build_model
+
+    cfg = load_config(run / "config.yaml")
+    ckpts = sorted((run / "checkpoints").glob("phase_*.pt"))
+    if not ckpts:
+        raise SystemExit(f"error: no checkpoints in {run / 'checkpoints'}")
+    if phases is None:
+        phases = sorted({0, len(ckpts) - 1})
+    ds = load_dataset(cfg.data, progress=False)
+    order = class_order(ds.num_classes, cfg.protocol.class_order_seed)
+    remap = torch.empty(ds.num_classes, dtype=torch.long)
+    remap[torch.tensor(order)] = torch.arange(ds.num_classes)
+    y = remap[ds.train.labels]
+    if ds.train.images is None:
+        raise SystemExit("error: tsne supports in-memory (small-image) datasets")
+    images = ds.train.images.permute(0, 3, 1, 2).float() / 255.0
+    plt = _plt()
+    fig, axes = plt.subplots(len(phases), 3, figsize=(12, 4 * len(phases)), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    g = torch.Generator().manual_seed(seed)
+    for row, ph in enumerate(phases):
+        state = torch.load(run / "checkpoints" / f"phase_{ph:03d}.pt", map_location="cpu", weights_only=False)
+        model = build_model(cfg.model.arch, ds.mean, ds.std, structure=state["structure"])
+        model.load_state_dict(state["model"])
+        model.eval()
+        ranking, pixels = state["memory"]["ranking"], state["memory"]["pixels"]
+        classes = sorted(ranking)[:num_classes]
+        if not all(c in pixels for c in classes):
+            raise SystemExit(f"error: {run} phase {ph} has no mnemonics pixels for classes {classes}")
+        with torch.no_grad():
+            feats, kinds, labs = [], [], []
+            for c in classes:
+                idx = torch.nonzero(y == c).flatten()
+                m = len(ranking[c])
+                sets = {"real": images[idx], "herding": images[ranking[c]],
+                        "random": images[idx[torch.randperm(len(idx), generator=g)[:m]]],
+                        "mnemonics": pixels[c].float() / (255.0 if pixels[c].dtype == torch.uint8 else 1.0)}
+                for kind, x in sets.items():
+                    f = torch.cat([model.features(x[i:i + 512]) for i in range(0, len(x), 512)])
+                    feats.append(torch.nn.functional.normalize(f, dim=1))
+                    kinds += [kind] * len(x)
+                    labs += [c] * len(x)
+        emb = TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(
+            torch.cat(feats).numpy())
+        kinds_t, labs_t = kinds, torch.tensor(labs)
+        for col, kind in enumerate(("random", "herding", "mnemonics")):
+            ax = axes[row][col]
+            for j, c in enumerate(classes):
+                real = [(k == "real" and int(l) == c) for k, l in zip(kinds_t, labs_t)]
+                sel = [(k == kind and int(l) == c) for k, l in zip(kinds_t, labs_t)]
+                ax.scatter(emb[real, 0], emb[real, 1], s=3, alpha=0.15, color=colours(j))
+                ax.scatter(emb[sel, 0], emb[sel, 1], s=30, marker="*", edgecolor="k", linewidth=0.4, color=colours(j))
+            ax.set_title(f"phase {ph}: {kind} exemplars (stars) over real data (dots)", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mnemonics_fast.plots", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("curve")
+    c.add_argument("--run", required=True, type=Path)
+    c.add_argument("--compare", nargs="*", type=Path, default=[])
+    c.add_argument("--out", type=Path, default=None)
+    t = sub.add_parser("tsne")
+    t.add_argument("--run", required=True, type=Path)
+    t.add_argument("--classes", type=int, default=5)
+    t.add_argument("--phases", type=int, nargs="*", default=None)
+    t.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args(argv)
+    if not (a.run / "config.yaml").is_file():
+        print(f"error: {a.run} is not a run directory (no config.yaml)", file=sys.stderr)
+        return 2
+    if a.cmd == "curve":
+        out = plot_curve([a.run, *a.compare], a.out or a.run / "accuracy_curve.png")
+    else:
+        out = plot_tsne(a.run, a.out or a.run / "tsne_exemplars.png", a.classes, a.phases)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
