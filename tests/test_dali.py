@@ -134,7 +134,7 @@ def test_train_order_depends_on_seed_and_epoch_only(kind, tree):
 @pytest.mark.parametrize("kind", LOADERS)
 def test_eval_each_file_exactly_once_across_two_shards(kind, tree):
     files, labels, colours = tree
-    world, batch = 2, 10  # 21 files per rank in batches of 5 -> 5 batches each
+    world, batch = 2, 5  # eval batch is per rank: 21 files per rank in batches of 5 -> 5 batches each
     got, counts = [], []
     for r in range(world):
         ld = eval_loader(kind, files, labels, batch, r, world)
@@ -153,16 +153,17 @@ def test_eval_each_file_exactly_once_across_two_shards(kind, tree):
 
 @needs_dali
 def test_dali_eval_matches_torchvision_eval(tree):
-    """Resize(36) + CenterCrop(32): DALI's linear antialiased resize vs PIL's bilinear (plus its output-size rounding
-    and centre-crop rounding) differ by a few grey levels. Tolerance: mean |diff| < 0.02 per image in [0,1] scale
-    (a horizontal flip of these ramps would be ~0.05, a constant offset of 5 levels 0.02)."""
+    """Resize(36) + CenterCrop(32): DALI's linear antialiased resize vs PIL's bilinear, libjpeg-turbo in both.
+    Measured on these images: mean |diff| 0.0005 (max 0.0008 per image, 2 grey levels per pixel at most). Tolerance
+    0.005 per image in [0,1] scale, tighter than the 0.02 expected on natural photos (sharper edges make the two
+    resamplers differ more); a horizontal flip of these ramps would be >= 0.017, a 1-level offset 0.004."""
     files, labels, _ = tree
     outs = {}
     for kind in ("dali", "torchvision"):
         xs, ps = zip(*[(x, p) for x, _, p in eval_loader(kind, files, labels, 16, 0, 1)])
         outs[kind] = torch.cat(xs)[torch.argsort(torch.cat(ps))]
     diff = (outs["dali"] - outs["torchvision"]).abs().mean((1, 2, 3))
-    assert diff.max() < 0.02, diff
+    assert diff.max() < 0.005, diff
 
 
 @pytest.mark.parametrize("kind", LOADERS)

@@ -61,6 +61,16 @@ def _pipeline_seed(seed: int, rank: int, salt: int) -> int:
     return (int(seed) * 1_000_003 + int(rank) * 7919 + salt) % (2**31 - 1)
 
 
+def _queue_source(queue: deque, paths: np.ndarray, offsets: np.ndarray):
+    """The external source: the next step's file positions -> their paths as uint8 views (made per step, so an
+    epoch's worth of path arrays never exists at once)."""
+    def source():
+        if not queue:
+            raise StopIteration
+        return [paths[offsets[i]:offsets[i + 1]] for i in queue.popleft().tolist()]
+    return source
+
+
 class _DaliFileRunner:
     """Owns one DALI pipeline fed by file paths; runs one epoch = a list of position batches, in order.
 
@@ -72,9 +82,16 @@ class _DaliFileRunner:
     def __init__(self, files: list[str], train: bool, max_batch: int, device: torch.device, rank: int, seed: int,
                  image_size: int, resize: int, num_threads: int, prefetch: int = 2):
         _require_dali()
-        self.files = [np.frombuffer(f.encode("utf-8"), dtype=np.uint8) for f in files]
+        # All paths in one uint8 buffer + offsets (~60 B per file): a per-file array would cost ~200 B x 1.28M files.
+        encoded = [f.encode("utf-8") for f in files]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
+        self._paths = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        del encoded
         self.device = device
-        self.gpu = device.type == "cuda" and torch.cuda.is_available()
+        self.gpu = device.type == "cuda"
+        if self.gpu and not torch.cuda.is_available():
+            raise RuntimeError(f"DALI loader asked for {device} but torch sees no GPU")
         self._queue: deque = deque()
         device_id = (device.index if device.index is not None else torch.cuda.current_device()) if self.gpu else None
         pipe = Pipeline(batch_size=max(1, max_batch), num_threads=max(1, num_threads), device_id=device_id,
@@ -82,7 +99,10 @@ class _DaliFileRunner:
         dec = "mixed" if self.gpu else "cpu"
         hints = MIXED_DECODER_HINTS if self.gpu else {}
         with pipe:
-            paths = fn.external_source(source=self._next_paths, batch=True, dtype=types.UINT8, ndim=1, name="paths")
+            # The source closes over the queue only (not over self): no reference cycle, so the pipeline and its
+            # threads go away as soon as the loader does, never later inside a forked DataLoader worker's GC.
+            source = _queue_source(self._queue, self._paths, self._offsets)
+            paths = fn.external_source(source=source, batch=True, dtype=types.UINT8, ndim=1, name="paths")
             raw = fn.io.file.read(paths)
             if train:
                 img = fn.decoders.image_random_crop(raw, device=dec, output_type=types.RGB, random_area=[0.08, 1.0],
@@ -94,17 +114,13 @@ class _DaliFileRunner:
             else:
                 img = fn.decoders.image(raw, device=dec, output_type=types.RGB, **hints)
                 img = fn.resize(img, resize_shorter=resize, interp_type=types.INTERP_LINEAR, antialias=True)
-                out = fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", crop=(image_size, image_size),
-                                               crop_pos_x=0.5, crop_pos_y=0.5, mean=[0.0] * 3, std=[255.0] * 3)
+                out = fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW",
+                                               crop=(image_size, image_size), crop_pos_x=0.5, crop_pos_y=0.5,
+                                               mean=[0.0] * 3, std=[255.0] * 3)
             pipe.set_outputs(out)
         pipe.build()  # fail (and spend the build time) here, not in the first step
         self.pipe = pipe
         self.image_size = image_size
-
-    def _next_paths(self):
-        if not self._queue:
-            raise StopIteration
-        return self._queue.popleft()
 
     def run(self, batches: list[np.ndarray]):
         """Yields one float32 [b,3,S,S] tensor on `device` per (non-empty) batch of file positions, in order."""
@@ -112,20 +128,20 @@ class _DaliFileRunner:
         if not batches:
             return
         pipe = self.pipe
-        self._queue.extend([self.files[i] for i in b] for b in batches)
+        self._queue.extend(batches)
         done = False
         try:
             pipe.schedule_run()  # first call of an epoch: prefetch
             for _ in range(len(batches)):
                 out = pipe.share_outputs()[0].as_tensor()
-                x = torch.empty(out.shape(), dtype=torch.float32, device=self.device if self.gpu else "cpu")
+                x = torch.empty(out.shape(), dtype=torch.float32, device=self.device)
                 if self.gpu:
                     feed_ndarray(out, x, cuda_stream=torch.cuda.current_stream(device=x.device))
                 else:
                     feed_ndarray(out, x)
                 pipe.release_outputs()
                 pipe.schedule_run()  # keeps `prefetch` steps in flight; past the end the source stops DALI's epoch
-                yield x if self.gpu or self.device.type == "cpu" else x.to(self.device)
+                yield x
             done = True
         finally:
             if not done:  # left early (break / exception): drop what is queued, drain what is in flight
@@ -198,8 +214,9 @@ class DaliTrainLoader:
 
 class DaliEvalLoader:
     """Eval batches (x float32 [b,3,S,S] in [0,1], y int64 [b], pos int64 [b]) on `device`, Resize(resize) +
-    CenterCrop(S). `pos` are positions into `files`: over all ranks each file comes exactly once (no padding), so
-    features / logits can be all_gathered and put back in file order with `pos` (see `imagenet.eval_plan`)."""
+    CenterCrop(S); b = batch_size PER RANK (as the resident eval loader). `pos` are positions into `files`: over all
+    ranks each file comes exactly once (no padding), so features / logits can be all_gathered and put back in file
+    order with `pos` (see `imagenet.eval_plan`)."""
 
     def __init__(self, files: list[str], labels: torch.Tensor, batch_size: int, device: torch.device, rank: int,
                  world: int, image_size: int = 224, resize: int = 256, num_workers: int = 4, prefetch: int = 2):
@@ -210,7 +227,7 @@ class DaliEvalLoader:
         self.num_files = len(files)
         self.labels = labels.long().to(self.device)
         self.batch_size, self.rank, self.world = batch_size, rank, world
-        self.runner = _DaliFileRunner(files, False, batch_size // world, self.device, rank, 0, image_size, resize,
+        self.runner = _DaliFileRunner(files, False, batch_size, self.device, rank, 0, image_size, resize,
                                       num_workers, prefetch)
         self.image_size = image_size
 

@@ -26,6 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .sources import IMAGENET_MEAN, IMAGENET_STD, Dataset, DatasetError, Split
+
 # ======================================================================================================================
 # 1. Class lists
 # ======================================================================================================================
@@ -47,15 +49,10 @@ WNID_FILES = {
 VARIANTS = ("imagenet_subset", "imagenet_subset_sorted", "imagenet1k", "imagefolder")
 NUM_CLASSES = {"imagenet_subset": 100, "imagenet_subset_sorted": 100, "imagenet1k": 1000}
 
-# ImageNet statistics (SPEC §1): the model normalises its own input with these; loaders output [0, 1] pixels.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
+# IMAGENET_MEAN / IMAGENET_STD (SPEC §1, from .sources): the model normalises its own input with them; the loaders
+# output [0, 1] pixels. DatasetError (from .sources) is the one data error type; messages here list every problem.
 ENV_ROOT = "MNEMONICS_FAST_IMAGENET"
-
-
-class DatasetError(ValueError):
-    """A dataset tree or class list is unusable. The message lists every problem found (first 20 + count)."""
+ENV_CHECK = "MNEMONICS_FAST_IMAGENET_CHECK"  # none | size | magic (default) | decode
 
 
 def _problems_message(head: str, problems: Sequence[str], limit: int = 20) -> str:
@@ -266,6 +263,16 @@ def load_imagenet_tree(root: str | os.PathLike | None, variant: str = "imagenet_
                      torch.tensor(val_labels, dtype=torch.int64), list(wnids))
 
 
+def load_imagenet_dataset(cfg_data, variant: str) -> Dataset:
+    """`data.dataset: imagenet_subset | imagenet_subset_sorted | imagenet1k` as a file-backed `sources.Dataset`
+    (labels = index in the variant's sorted wnid list; the trainer applies the class order). The root is
+    `data.root`, else $MNEMONICS_FAST_IMAGENET; the file check is $MNEMONICS_FAST_IMAGENET_CHECK (default 'magic')."""
+    check = os.environ.get(ENV_CHECK, "magic").strip() or "magic"
+    t = load_imagenet_tree(cfg_data.root, variant, check=check)
+    return Dataset(variant, t.class_names, Split(t.train_labels, None, t.train_files),
+                   Split(t.val_labels, None, t.val_files), IMAGENET_MEAN, IMAGENET_STD, cfg_data.image_size)
+
+
 # ======================================================================================================================
 # 3. Epoch plans (shared by the DALI and torchvision file loaders)
 # ======================================================================================================================
@@ -291,32 +298,44 @@ def train_plan(num_files: int, num_extra: int, batch_size: int, rank: int, world
     the training set and shuffles; this does the same without copying any pixels). The permutation is padded with
     its own first entries to a multiple of `world` (at most world-1 repeats per epoch; none when world == 1), then
     rank r takes every world-th entry from r on (DistributedSampler's layout) and cuts it into batches of
-    batch_size // world. The last batch may be smaller (the same size on every rank): no sample is dropped, and every
-    rank has the same number of steps, so DDP never waits on a rank that has run out.
+    batch_size // world. The last batch may be smaller (the same size on every rank, so DDP never waits on a rank that
+    has run out); it is dropped when it would hold a single sample per rank (BatchNorm statistics of one image, and a
+    full-lr step on it), as the resident loader does: then at most `world` samples miss that epoch, different ones
+    each epoch.
     """
     total = num_files + num_extra
     b = per_rank_batch(batch_size, world)
-    if total == 0:
+    steps = train_steps(num_files, num_extra, batch_size, world)
+    if steps == 0:
         return []
     perm = epoch_permutation(total, seed, epoch)
     padded = math.ceil(total / world) * world
     if padded > total:
         perm = np.concatenate([perm, perm[: padded - total]])
     mine = perm[rank::world]
-    return [mine[i: i + b] for i in range(0, len(mine), b)]
+    return [mine[i * b: (i + 1) * b] for i in range(steps)]
 
 
 def train_steps(num_files: int, num_extra: int, batch_size: int, world: int) -> int:
+    """Steps per epoch: ceil(ceil(total / world) / b), less one when the last (partial) step would hold a single
+    sample per rank (unless it is the only step)."""
     total = num_files + num_extra
-    return math.ceil(math.ceil(total / world) / per_rank_batch(batch_size, world)) if total else 0
+    per_rank = math.ceil(total / world)
+    b = per_rank_batch(batch_size, world)
+    steps = math.ceil(per_rank / b)
+    last = per_rank - (steps - 1) * b
+    if steps > 1 and last < 2 and last < b:  # b == 1: every step holds one sample anyway
+        steps -= 1
+    return steps
 
 
 def eval_plan(num_files: int, batch_size: int, rank: int, world: int) -> list[np.ndarray]:
     """This rank's eval batches: positions into the file list, in order, each file exactly once across ranks, no
     padding. Rank r takes the r-th of `world` contiguous, near-equal chunks (sizes differ by at most one) in batches of
-    batch_size // world. Every rank gets the same number of batches: where a shorter chunk would come out one batch
-    short, its last batch is split in two (a batch is empty only when a rank has fewer files than batches)."""
-    b = per_rank_batch(batch_size, world)
+    `batch_size` (PER RANK, as the resident eval loader: eval holds no gradients, so each GPU takes a full batch).
+    Every rank gets the same number of batches: where a shorter chunk would come out one batch short, its last batch
+    is split in two (a batch is empty only when a rank has fewer files than batches)."""
+    b = max(1, int(batch_size))
     steps = eval_steps(num_files, batch_size, world)
     chunk = np.array_split(np.arange(num_files, dtype=np.int64), world)[rank]
     batches = [chunk[i: i + b] for i in range(0, len(chunk), b)]
@@ -331,7 +350,7 @@ def eval_plan(num_files: int, batch_size: int, rank: int, world: int) -> list[np
 
 
 def eval_steps(num_files: int, batch_size: int, world: int) -> int:
-    return math.ceil(math.ceil(num_files / world) / per_rank_batch(batch_size, world))
+    return math.ceil(math.ceil(num_files / world) / max(1, int(batch_size)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -342,7 +361,7 @@ EXTRA_AUGMENTS = ("crop_flip", "flip", "none")
 
 
 def _check_extra(extra, image_size: int):
-    if extra is None:
+    if extra is None or len(extra[1]) == 0:
         return None
     x, y = extra
     if x.dim() != 4 or x.shape[1] != 3 or x.shape[0] != y.shape[0]:

@@ -166,7 +166,8 @@ class TorchvisionTrainLoader:
 
 
 class TorchvisionEvalLoader:
-    """Same interface as `dali.DaliEvalLoader`: yields (x, y, pos) on device; each file once across ranks."""
+    """Same interface as `dali.DaliEvalLoader`: yields (x, y, pos) on device; each file once across ranks;
+    batch_size is per rank."""
 
     def __init__(self, files: list[str], labels: torch.Tensor, batch_size: int, device: torch.device, rank: int,
                  world: int, image_size: int = 224, resize: int = 256, num_workers: int = 4):
