@@ -58,9 +58,14 @@ def test_two_rank_gloo_exemplars_bit_identical(tmp_path):
 
     # The averaged gradient of equal-size shards is the gradient on the whole batch: one process, whole batch.
     torch.set_num_threads(1)
-    model, ex, ey, qx, qy, _, _ = _setup()
+    model, ex, ey, qx, qy, bank, labels = _setup()
     whole = optimise_exemplars(model, ex, ey, (qx, qy), outer_steps=STEPS, **KW)
     torch.testing.assert_close(res[0]["out"], whole, rtol=1e-5, atol=1e-6)
+    # adjust_old_exemplars: the global query batch is split over the ranks, so one process sees the same batches
+    adj_whole = adjust_old_exemplars(model, bank, labels, outer_steps=2, generator=torch.Generator().manual_seed(3),
+                                     query_batch_size=4, **KW)
+    torch.testing.assert_close(res[0]["adj"], adj_whole, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(adj_whole, bank)
     assert not torch.equal(whole, ex)
     # and it is not what a single shard alone would give (the all-reduce really happened)
     alone = optimise_exemplars(model, ex, ey, (qx[0::WORLD], qy[0::WORLD]), outer_steps=STEPS, **KW)

@@ -227,6 +227,12 @@ class _ExemplarGrad:
         if mode in ("head", "proto") and self.fixed_x is not None:
             self.fixed_f = self._features_nograd(self.fixed_x)  # the backbone is fixed in these modes: compute once
         if mode == "proto":
+            d = getattr(model, "feature_dim", None)
+            if class_means is not None and (class_means.shape[0] != num_classes
+                                            or (d is not None and class_means.shape[1] != d)):
+                raise ValueError(f"mode='proto': class_means must be [num_classes={num_classes}, d] (every seen "
+                                 f"class; rows of the optimised classes are ignored), got "
+                                 f"{tuple(class_means.shape)}")
             self.avg, self.present = _class_mean_matrix(self.y_all, num_classes)
             if class_means is None and not bool(self.present.all()):
                 missing = (~self.present).nonzero().flatten().tolist()
@@ -482,7 +488,13 @@ class ExemplarOptimiser:
         if not self.cuda_graph:
             return self._fn(self.bank, qx, qy)
         if self._graph is None:
-            self._graph = _GraphedGrad(self._fn, self.bank, qx, qy)
+            try:
+                self._graph = _GraphedGrad(self._fn, self.bank, qx, qy)
+            except Exception as exc:  # noqa: BLE001 - any capture failure: say so once, stay correct
+                warnings.warn(f"mnemonics: CUDA-graph capture failed ({type(exc).__name__}: {exc}); running the "
+                              f"eager path for this call", stacklevel=2)
+                self.cuda_graph = False
+                return self._fn(self.bank, qx, qy)
         if self._graph.matches(qx, qy):
             return self._graph(qx, qy)
         if not self._warned_shape:
@@ -493,6 +505,7 @@ class ExemplarOptimiser:
 
     def step(self, qx: torch.Tensor, qy: torch.Tensor) -> torch.Tensor:
         grad, loss = self.grad(qx, qy)
+        grad = grad.contiguous()  # the fused kernel and the collective want dense memory (a no-op as a rule)
         if self.world > 1:
             # By hand rather than DDP: the gradient is the exemplars', which DDP does not know about. SUM then divide
             # (gloo has no AVG); every rank receives the same reduced bits, so the banks stay identical.
@@ -622,19 +635,20 @@ def optimise_exemplars(model: nn.Module, exemplars: torch.Tensor, labels: torch.
 
 def _shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, rank: int,
                       world: int) -> Iterator[Batch]:
-    """Endless fixed-size batches of (x, y): one global stream (reshuffled every pass with `seed`, the same on all
-    ranks), rank r taking batches r, r + world, ... (drop_last, so every batch has the same size)."""
+    """Endless batches of (x, y): one global stream of batches of `batch_size` (reshuffled every pass with `seed`,
+    identical on all ranks, drop_last so every batch has the same size), each split into `world` equal per-rank
+    slices; rank r yields slice r. The all-reduced mean gradient is then the gradient on the global batch."""
     gen = torch.Generator().manual_seed(seed)
     n = y.numel()
-    bs = min(int(batch_size), n)
-    k = 0
+    per = max(1, min(int(batch_size), n) // world)
+    bs = per * world
+    if bs > n:
+        raise ValueError(f"adjust_old_exemplars: {n} validation exemplars cannot feed {world} ranks")
     while True:
         perm = torch.randperm(n, generator=gen).to(x.device)
         for b in range(n // bs):
-            if k % world == rank:
-                idx = perm[b * bs:(b + 1) * bs]
-                yield x[idx], y[idx]
-            k += 1
+            idx = perm[b * bs + rank * per:b * bs + (rank + 1) * per]
+            yield x[idx], y[idx]
 
 
 def adjust_old_exemplars(model: nn.Module, bank: torch.Tensor, labels: torch.Tensor, *, mode: str = "full",
@@ -649,10 +663,10 @@ def adjust_old_exemplars(model: nn.Module, bank: torch.Tensor, labels: torch.Ten
 
     bank [M, 3, H, W] / labels [M]: ALL seen classes' exemplars (the new classes' too, for balance). Every class is
     split into halves A and B (`split_halves`, seeded by `generator`, which must be seeded identically on all ranks).
-    Pass 1: the inner loss runs on all of A, the query batches come from B (shuffled, un-augmented, fixed size
-    `query_batch_size`, sharded across ranks), and the rows of A flagged by `update_mask` are updated with lr beta2
-    (`lr`) for `outer_steps` steps. Pass 2 swaps the roles (validated on the already-updated A). Unflagged rows
-    enter the inner loss but never change.
+    Pass 1: the inner loss runs on all of A, the query batches come from B (shuffled, un-augmented, a global batch
+    of `query_batch_size` split evenly over the ranks), and the rows of A flagged by `update_mask` are updated with
+    lr beta2 (`lr`) for `outer_steps` steps. Pass 2 swaps the roles (validated on the already-updated A). Unflagged
+    rows enter the inner loss but never change.
 
     update_mask: bool [M]. Default: the old classes only (labels < model.head.num_old), the paper's reading: the
     new classes' exemplars were just optimised against the full new data in (b), and (c) exists because the old

@@ -38,6 +38,9 @@ def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> Non
                   autocast_dtype=torch.bfloat16 if cfg.bf16 and trainer.device.type == "cuda" else None,
                   progress=trainer.cfg.run.progress and trainer.dist.is_main)
 
+    # proto (the released code's surrogate) needs every seen class's mean under the CURRENT model, as that code did
+    means = trainer.compute_class_means(model, num_seen) if cfg.mode == "proto" else None
+
     # (b) new classes: bilevel steps against augmented batches of the phase's real new-class data
     pixels = torch.cat([trainer.exemplar_pixels(c) for c in new]).to(trainer.device)
     labels = torch.cat([torch.full((len(trainer.memory.ranking[c]),), c, dtype=torch.long) for c in new])
@@ -49,7 +52,7 @@ def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> Non
     else:
         qloader = trainer._train_loader(new_idx, q_labels, None, seed + 3, cfg.query_batch_size)
     new_px = optimise_exemplars(model, pixels, labels, _cycle(qloader), outer_steps=cfg.outer_steps, lr=cfg.lr,
-                                class_means=trainer.class_means, **common)
+                                class_means=means, **common)
     _store(trainer, new_px, labels, new)
     trainer.log(f"mnemonics (b): {len(labels)} exemplars of {len(new)} new classes, {cfg.outer_steps} outer steps, "
                 f"mean |change| {float((new_px - pixels).abs().mean()):.2e}")
@@ -57,12 +60,13 @@ def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> Non
     # (c) old classes: every class split in halves A/B, each validated on the other (new classes included for balance)
     if cfg.adjust_old and info.num_old > 0 and cfg.old_outer_steps > 0:
         seen = list(range(num_seen))
-        bank = torch.cat([trainer.exemplar_pixels(c) for c in seen]).to(trainer.device)
-        lab = torch.cat([torch.full((len(trainer.memory.pixels[c]),), c, dtype=torch.long) for c in seen])
-        lab = lab.to(trainer.device)
+        parts = [trainer.exemplar_pixels(c).to(trainer.device) for c in seen]
+        bank = torch.cat(parts)
+        lab = torch.cat([torch.full((len(p),), c, dtype=torch.long, device=trainer.device)
+                         for c, p in zip(seen, parts)])
         g = torch.Generator().manual_seed(seed + 4)   # same seed on every rank: identical split
         out = adjust_old_exemplars(model, bank, lab, outer_steps=cfg.old_outer_steps, lr=cfg.old_lr, generator=g,
-                                   query_batch_size=cfg.query_batch_size, class_means=trainer.class_means,
+                                   query_batch_size=cfg.query_batch_size, class_means=means,
                                    update_mask=lab < info.num_old, **common)
         _store(trainer, out, lab, range(info.num_old))
         trainer.log(f"mnemonics (c): adjusted {int((lab < info.num_old).sum())} old-class exemplars, "

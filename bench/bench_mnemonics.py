@@ -1,0 +1,218 @@
+"""One mnemonics outer step (exemplar gradient + update), side by side in one process on one card:
+
+  naive       : the straightforward eager implementation (`naive_outer_step` below, ~30 lines): dict-based
+                functional_call, create_graph unrolling, an SGD update in separate ops. What the 87 ms probe measured.
+  eager       : mnemonics_fast.methods.mnemonics.ExemplarOptimiser, the default-correct oracle path.
+  eager+chunk : the same with exemplar_chunk (reverse sweep, one chunk's second-order graph alive): the memory option.
+  graph       : cuda_graph=True: the whole gradient computation of one outer step captured once and replayed.
+  graph+bf16  : cuda_graph=True, autocast_dtype=bfloat16 for the model's forward passes.
+
+Setting: ResNet-32, CIFAR-100 B50 phase 1 (50 old frozen rows + 10 new), exemplars of the 10 new classes (M in
+--sizes), T inner steps (--steps), query batch of --query real-sized images, modes full and head. Inputs are random
+pixels (timing does not depend on content). Per cell: median ms over --repeats timed steps after --warmup steps
+(CUDA events; the graph capture happens in the warm-up), the peak of torch.cuda.max_memory_allocated above the
+model+data baseline, and the max relative difference of the first gradient to the naive one. torch.compile is not a
+baseline: AOTAutograd does not support double backward (create_graph through a compiled graph), which every mode
+but proto needs.
+
+    python bench/bench_mnemonics.py --out bench/results/mnemonics_h100.json          # on the GPU
+    python bench/bench_mnemonics.py --quick                                           # CPU sanity run (seconds)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from mnemonics_fast import ops
+from mnemonics_fast.methods.mnemonics import ExemplarOptimiser
+from mnemonics_fast.models import build_model
+
+MEAN, STD = (0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023)
+NUM_OLD, NUM_NEW = 50, 10
+
+
+def naive_outer_step(model, bank, labels, qx, qy, buf, *, mode, inner_lr, inner_steps, lr, momentum):
+    """The straightforward eager outer step. Returns (new bank, exemplar gradient)."""
+    model.eval()
+    bank = bank.detach().requires_grad_(True)
+    module = model if mode == "full" else model.head
+    fast = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    if mode == "head":
+        x_in = model.features(bank)
+        with torch.no_grad():
+            q_in = model.features(qx)
+    else:
+        x_in, q_in = bank, qx
+    for _ in range(inner_steps):
+        loss = F.cross_entropy(functional_call(module, fast, (x_in,)), labels)
+        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+        fast = {n: w - inner_lr * g for (n, w), g in zip(fast.items(), grads)}
+    loss_val = F.cross_entropy(functional_call(module, fast, (q_in,)), qy)
+    (g_bank,) = torch.autograd.grad(loss_val, bank)
+    with torch.no_grad():
+        buf.mul_(momentum).add_(g_bank)
+        new = (bank - lr * buf).clamp_(0.0, 1.0)
+    return new, g_bank
+
+
+def make_problem(m: int, hw: int, query: int, device):
+    torch.manual_seed(0)
+    model = build_model("resnet32", MEAN, STD, num_classes=NUM_OLD).to(device)
+    model.grow(NUM_NEW)
+    model.to(device)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    bank = torch.rand(m, 3, hw, hw, generator=g).to(device)
+    labels = (NUM_OLD + torch.arange(m) % NUM_NEW).to(device)
+    qx = torch.rand(query, 3, hw, hw, generator=g).to(device)
+    qy = torch.randint(0, NUM_OLD + NUM_NEW, (query,), generator=g).to(device)
+    return model, bank, labels, qx, qy
+
+
+class Timer:
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn, warmup: int, repeats: int) -> list[float]:
+        for _ in range(warmup):
+            fn()
+        out = []
+        for _ in range(repeats):
+            if self.cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                out.append(a.elapsed_time(b))
+            else:
+                t = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t) * 1e3)
+        return out
+
+
+def run_variant(name, mode, m, steps, args, device, ref_grad):
+    model, bank, labels, qx, qy = make_problem(m, args.image, args.query, device)
+    kw = dict(inner_lr=args.inner_lr, inner_steps=steps, lr=args.lr, momentum=0.9)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    row = {"variant": name, "mode": mode, "M": m, "T": steps, "query": args.query, "image": args.image}
+    try:
+        if name == "naive":
+            state = {"bank": bank, "buf": torch.zeros_like(bank)}
+            first = naive_outer_step(model, bank, labels, qx, qy, torch.zeros_like(bank), mode=mode, **kw)[1]
+
+            def fn():
+                state["bank"], _ = naive_outer_step(model, state["bank"], labels, qx, qy, state["buf"], mode=mode,
+                                                    **kw)
+            times = Timer(device)(fn, args.warmup, args.repeats)
+            opt = None
+        else:
+            opt = ExemplarOptimiser(model, bank, labels, mode=mode, cuda_graph="graph" in name,
+                                    autocast_dtype=torch.bfloat16 if "bf16" in name else None,
+                                    exemplar_chunk=args.chunk if "chunk" in name else None, **kw)
+            first = opt.grad(qx, qy)[0].clone()
+            times = Timer(device)(lambda: opt.step(qx, qy), args.warmup, args.repeats)
+            row["graph_active"] = opt.cuda_graph  # False if the capture failed and it fell back to eager
+            opt.close()
+        row["ms"] = statistics.median(times)
+        row["ms_min"] = min(times)
+        if ref_grad is not None:
+            # Relative L2, not max: with ReLU the exact exemplar gradient is discontinuous (a pre-activation within
+            # rounding of 0 flips its mask), so fp32 paths that round differently (chunking, cuDNN algorithms) can
+            # differ by ~1e-2 on single pixels while agreeing in norm. Exactness is tested in float64 (tests/).
+            row["rel_err_vs_naive"] = float((first - ref_grad).norm() / ref_grad.norm().clamp_min(1e-30))
+        if cuda:
+            torch.cuda.synchronize()
+            row["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        return row, first
+    except torch.cuda.OutOfMemoryError:
+        row["ms"] = None
+        row["error"] = "OOM"
+        return row, None
+    except Exception as exc:  # noqa: BLE001 - keep the rest of the table
+        row["ms"] = None
+        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        print(f"  {name} {mode} M={m} T={steps} failed: {row['error']}", flush=True)
+        return row, None
+    finally:
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny CPU sanity run")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sizes", default="100,1000", help="exemplar counts M")
+    ap.add_argument("--steps", default="1,5", help="inner steps T")
+    ap.add_argument("--modes", default="full,head")
+    ap.add_argument("--variants", default="naive,eager,eager+chunk,graph,graph+bf16")
+    ap.add_argument("--query", type=int, default=128)
+    ap.add_argument("--image", type=int, default=32)
+    ap.add_argument("--chunk", type=int, default=250, help="exemplar_chunk of the +chunk variant")
+    ap.add_argument("--inner-lr", type=float, default=0.01)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/mnemonics_<card>_<time>.json)")
+    args = ap.parse_args()
+    if args.quick:
+        args.device, args.sizes, args.steps, args.query, args.image = "cpu", "20", "1,2", 16, 16
+        args.warmup, args.repeats, args.chunk = 1, 2, 8
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    variants = [v for v in args.variants.split(",") if device.type == "cuda" or "graph" not in v]
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    header = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda,
+              "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(device),
+              "threads": torch.get_num_threads(), "ops": ops.backend_info(), "args": vars(args),
+              "setting": f"ResNet-32, {NUM_OLD} old + {NUM_NEW} new classes, query {args.query}, "
+                         f"{args.image}x{args.image} pixels"}
+    print(f"# mnemonics outer step | {card} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
+          f"{header['setting']} | median of {args.repeats} after {args.warmup} warm-up")
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
+        f"mnemonics_{card.replace(' ', '_').replace('/', '_')}_{datetime.datetime.now():%Y%m%d_%H%M%S}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    print(f"{'mode':5} {'M':>5} {'T':>2}  {'variant':12} {'ms':>9} {'x naive':>8} {'peak MB':>9} {'rel err':>9}")
+    for mode in args.modes.split(","):
+        for m in (int(s) for s in args.sizes.split(",")):
+            for steps in (int(s) for s in args.steps.split(",")):
+                ref, naive_ms = None, None
+                for v in variants:
+                    row, grad = run_variant(v, mode, m, steps, args, device, ref)
+                    if v == "naive":
+                        ref, naive_ms = grad, row.get("ms")
+                    if naive_ms and row.get("ms"):
+                        row["speedup_vs_naive"] = naive_ms / row["ms"]
+                    rows.append(row)
+                    ms = f"{row['ms']:9.2f}" if row.get("ms") else f"{row.get('error', '-')[:9]:>9}"
+                    sp = f"{row['speedup_vs_naive']:7.1f}x" if "speedup_vs_naive" in row else f"{'-':>8}"
+                    pk = f"{row['peak_mb']:9.0f}" if "peak_mb" in row else f"{'-':>9}"
+                    er = f"{row['rel_err_vs_naive']:9.1e}" if "rel_err_vs_naive" in row else f"{'-':>9}"
+                    note = "  (capture failed: eager)" if row.get("graph_active") is False and "graph" in v else ""
+                    print(f"{mode:5} {m:5d} {steps:2d}  {v:12} {ms} {sp} {pk} {er}{note}", flush=True)
+                    # rewritten after every row: a run cut off by a time limit keeps what it measured
+                    out.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

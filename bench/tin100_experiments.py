@@ -1,0 +1,144 @@
+"""Real-data experiments on the tin100a-32 development set (B50 + 10 phases of 5, LUCIR, 20 exemplars per class),
+with a schedule shortened to fit a short GPU slot (every phase `--epochs` epochs, lr x0.1 at 50% and 75% of them,
+instead of 160 with steps at 80/120):
+
+1. sweep: the mnemonics exemplar-level hyperparameters (beta1 = mnemonics.lr, alpha = mnemonics.inner_lr) on the
+   first `--sweep-phases` incremental phases, all starting from one shared phase-0 checkpoint (herding exemplars),
+   scored by the average CNN accuracy over those phases on the set's val split (development data only);
+2. compare: LUCIR with random, herding and mnemonics exemplars (the sweep's best setting), full 10-phase runs;
+3. project the wall time of the full 160-epoch schedule from each phase's measured per-epoch training time.
+
+Runs go in parallel as separate processes on the one GPU (each is launch-bound), so the measured wall times are
+those of a shared card; the herding run's projection is the one to quote for a dedicated card (`--solo-herding`).
+
+    python bench/tin100_experiments.py --root ~/.cache/mnemonics_fast/tin100a-32 --out bench/results/tin100_h100.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def launch(name: str, overrides: list[str], a, log_dir: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "mnemonics_fast.train", "--config", "tin100_10phase", f"data.root={a.root}",
+           f"run.output_dir={a.runs}", f"run.name={name}", "run.progress=false", "run.tensorboard=false",
+           f"train.epochs={a.epochs}", f"train.milestones=[{a.epochs // 2},{a.epochs * 3 // 4}]",
+           f"seed={a.seed}", *overrides]
+    log = open(log_dir / f"{name}.log", "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_all(procs: dict[str, subprocess.Popen]) -> dict[str, int]:
+    return {n: p.wait() for n, p in procs.items()}
+
+
+def metrics(a, name: str) -> dict | None:
+    f = Path(a.runs) / name / "metrics.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def projected_full_s(m: dict, epochs: int, full_epochs: int = 160) -> float:
+    """Per phase: training time scaled to the full schedule + the phase's measured non-training time."""
+    return sum(p["train_s"] * full_epochs / epochs + (p["wall_s"] - p["train_s"]) for p in m["phases"])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--runs", default="/tmp/mf_runs")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--logs", default=None, help="folder for the runs' console logs (default: next to --out)")
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sweep-phases", type=int, default=3)
+    ap.add_argument("--lrs", default="0.3,3,30", help="beta1 grid (pixel space)")
+    ap.add_argument("--inner-lrs", default="0.01,0.1", help="alpha grid")
+    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--best", default=None, help="lr,inner_lr to use without a sweep")
+    ap.add_argument("--extra", nargs="*", default=[], help="extra overrides for every mnemonics run")
+    a = ap.parse_args()
+    t_start = time.time()
+    log_dir = Path(a.logs or Path(a.out).parent)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    Path(a.runs).mkdir(parents=True, exist_ok=True)
+    result = {"bench": "tin100_experiments", "card": torch.cuda.get_device_name() if torch.cuda.is_available()
+              else "cpu", "torch": torch.__version__, "epochs_per_phase": a.epochs,
+              "schedule": f"{a.epochs} epochs per phase, lr 0.1 x0.1 at {a.epochs // 2} and {a.epochs * 3 // 4}",
+              "protocol": "tin100a-32, B50 + 10 phases of 5, growing memory 20/class, LUCIR, ResNet-32",
+              "seed": a.seed}
+    mn = ["mnemonics.enabled=true", "mnemonics.init=herding", *a.extra]
+
+    # ---------------------------------------------------------------- 1. sweep from one shared phase 0
+    if not a.skip_sweep:
+        base = "sweep_phase0"
+        wait_all({base: launch(base, ["run.stop_after_phase=0"], a, log_dir)})
+        grid = list(itertools.product([float(x) for x in a.lrs.split(",")], [float(x) for x in a.inner_lrs.split(",")]))
+        procs = {}
+        stop = f"run.stop_after_phase={a.sweep_phases}"
+        for name, ov in [("sweep_herding", [stop])] + [
+                (f"sweep_lr{lr:g}_alpha{al:g}", [stop, *mn, f"mnemonics.lr={lr}", f"mnemonics.inner_lr={al}"])
+                for lr, al in grid]:
+            shutil.copytree(Path(a.runs) / base, Path(a.runs) / name, dirs_exist_ok=True)
+            procs[name] = launch(name, ov, a, log_dir)
+        rcs = wait_all(procs)
+        rows = []
+        for name, rc in rcs.items():
+            m = metrics(a, name)
+            inc = m["top1"]["cnn"][1:] if m else []
+            rows.append({"name": name, "rc": rc, "incremental_cnn": inc, "incremental_nme": m["top1"]["nme"][1:] if m else [],
+                         "score_avg_cnn": sum(inc) / len(inc) if inc else None})
+            print(f"sweep {name:>28}: rc {rc}  avg CNN over phases 1..{a.sweep_phases}: {rows[-1]['score_avg_cnn']}",
+                  flush=True)
+        ok = [r for r in rows if r["name"] != "sweep_herding" and r["score_avg_cnn"] is not None]
+        best = max(ok, key=lambda r: r["score_avg_cnn"]) if ok else None
+        result["sweep"] = {"phases": a.sweep_phases, "grid": {"lr": a.lrs, "inner_lr": a.inner_lrs}, "rows": rows,
+                           "best": best["name"] if best else None}
+        if best:
+            lr, al = best["name"].removeprefix("sweep_lr").split("_alpha")
+            a.best = f"{lr},{al}"
+    lr, al = (a.best or "3,0.01").split(",")
+
+    # ---------------------------------------------------------------- 2. random vs herding vs mnemonics
+    procs = {
+        "lucir_random": launch("lucir_random", ["memory.selection=random"], a, log_dir),
+        "lucir_herding": launch("lucir_herding", [], a, log_dir),
+        "lucir_mnemonics": launch("lucir_mnemonics", [*mn, f"mnemonics.lr={lr}", f"mnemonics.inner_lr={al}"], a,
+                                  log_dir),
+    }
+    rcs = wait_all(procs)
+    comp = {}
+    for name, rc in rcs.items():
+        m = metrics(a, name)
+        comp[name] = {"rc": rc}
+        if m:
+            comp[name].update({
+                "avg_incremental_acc": m["avg_incremental_acc"], "last_acc": m["last_acc"], "top1": m["top1"],
+                "forgetting": m["forgetting"],
+                "phase_wall_s": [p["wall_s"] for p in m["phases"]],
+                "phase_train_img_per_s": [p["train_img_per_s"] for p in m["phases"]],
+                "total_wall_s": sum(p["wall_s"] for p in m["phases"]),
+                "projected_full_schedule_s": projected_full_s(m, a.epochs)})
+            print(f"{name:>16}: avg inc acc CNN {m['avg_incremental_acc']['cnn']:.2f} NME "
+                  f"{m['avg_incremental_acc']['nme']:.2f} | {comp[name]['total_wall_s']:.0f} s "
+                  f"(projected 160-epoch: {comp[name]['projected_full_schedule_s'] / 60:.1f} min, shared GPU)",
+                  flush=True)
+    result["compare"] = {"mnemonics_setting": {"lr": float(lr), "inner_lr": float(al)}, "runs": comp,
+                         "note": "three runs shared one GPU concurrently; wall times include that contention"}
+    result["total_s"] = time.time() - t_start
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {a.out} in {result['total_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
