@@ -43,9 +43,9 @@ def test_random_crop_flip_outputs_valid_views(pad, size):
     # The draws cover flips and non-flips and many offsets.
     assert any(k % 2 == 0 for k in kinds) and any(k % 2 == 1 for k in kinds)
     assert len({k // 2 for k in kinds}) > (2 * pad + 1) ** 2 // 2
-    # The centre crop without flip is the identity: some samples come out unchanged, not all.
+    # Mostly not the identity (centre crop, no flip: 1 view in 2 * (2p+1)^2).
     same = (out == x).flatten(1).all(1)
-    assert 0 < int(same.sum()) < len(x)
+    assert int(same.sum()) < len(x) // 4
 
 
 def test_random_crop_flip_seeded():
@@ -223,7 +223,7 @@ def test_image_folder_errors_name_the_path(tmp_path):
     _write_tree(root, {"a": 2, "b": 2})
     _write_tree(root, {"a": 1}, split="val")
     (root / "val" / "b").mkdir()
-    with pytest.raises(DatasetError, match="b"):
+    with pytest.raises(DatasetError, match="without images: b"):
         load_image_folder(str(root), 8, str(tmp_path / "c"), progress=False)
     with pytest.raises(DatasetError, match="data.root"):
         load_dataset(DataConfig(dataset="imagefolder", root=""))

@@ -86,7 +86,7 @@ def test_cosine_linear_is_sigma_times_cos():
     torch.manual_seed(0)
     head = CosineLinear(16, 5)
     bound = 1 / math.sqrt(16)
-    assert float(head.weight.abs().max()) <= bound and float(head.sigma) == 1.0
+    assert float(head.weight.detach().abs().max()) <= bound and float(head.sigma.detach()) == 1.0
     with torch.no_grad():
         head.sigma.fill_(3.5)
     x = torch.randn(7, 16, generator=_gen(4))
@@ -125,7 +125,7 @@ def test_grow_head_carries_sigma_and_old_rows():
     g1 = grow_head(head, 3)
     assert isinstance(g1, SplitCosineLinear) and g1.num_old == 4 and g1.num_new == 3
     assert torch.equal(g1.fc1.weight, head.weight)
-    assert float(g1.sigma) == 4.75 and g1.sigma.requires_grad
+    assert float(g1.sigma.detach()) == 4.75 and g1.sigma.requires_grad
     assert not g1.fc1.weight.requires_grad and g1.fc2.weight.requires_grad
     # The next growth freezes every row so far, old and new.
     with torch.no_grad():
@@ -133,7 +133,7 @@ def test_grow_head_carries_sigma_and_old_rows():
     g2 = grow_head(g1, 2)
     assert g2.num_old == 7 and g2.num_new == 2
     assert torch.equal(g2.fc1.weight, torch.cat([head.weight, g1.fc2.weight]))
-    assert float(g2.sigma) == 5.5
+    assert float(g2.sigma.detach()) == 5.5
 
 
 def test_imprinting_formula():
@@ -168,7 +168,7 @@ def test_frozen_old_rows_survive_an_optimizer_step(tmp_path):
     model.grow(2)
     old_rows = model.head.fc1.weight.detach().clone()
     new_rows = model.head.fc2.weight.detach().clone()
-    sigma = float(model.head.sigma)
+    sigma = float(model.head.sigma.detach())
     conv = model.backbone.conv1.weight.detach().clone()
 
     class Loader:
@@ -189,7 +189,7 @@ def test_frozen_old_rows_survive_an_optimizer_step(tmp_path):
     tr.train_model(model, teacher, Loader(), PhaseInfo(1, 3, 2), epochs=2, lr=0.1, milestones=[1])
     assert torch.equal(model.head.fc1.weight, old_rows)
     assert not torch.equal(model.head.fc2.weight, new_rows)
-    assert float(model.head.sigma) != sigma
+    assert float(model.head.sigma.detach()) != sigma
     assert not torch.equal(model.backbone.conv1.weight, conv)
 
 
@@ -266,3 +266,34 @@ def test_build_model_from_structure_roundtrip():
     empty.load_state_dict(net.state_dict())
     x = torch.rand(2, 3, 8, 8, generator=_gen(11))
     assert torch.equal(empty.eval()(x), net.eval()(x))
+
+
+def test_imprinting_in_a_run_uses_eval_features_of_the_previous_model(tmp_path, monkeypatch):
+    """The rows imprinted at the start of phase 1 == the formula on eval-mode, un-augmented features of the phase-0
+    model (the checkpoint), times the mean norm of its rows."""
+    import mnemonics_fast.trainer.loop as loop
+    from conftest import run_trainer, tiny_config
+
+    captured = []
+    orig = loop.imprint_weights
+
+    def spy(head, feats):
+        orig(head, feats)
+        captured.append(head.fc2.weight.detach().clone())
+
+    monkeypatch.setattr(loop, "imprint_weights", spy)
+    run = run_trainer(tiny_config(tmp_path, **{"protocol.num_phases": 1, "data.synthetic_classes": 4,
+                                               "train.epochs": 1, "train.milestones": []}))
+    assert len(captured) == 1
+    tr = run.trainer
+    state = torch.load(run.run_dir / "checkpoints" / "phase_000.pt", weights_only=False)
+    model0 = build_model("resnet32", tr.ds.mean, tr.ds.std, structure=state["structure"])
+    model0.load_state_dict(state["model"])
+    model0.eval()
+    old_norm = state["model"]["head.weight"].norm(dim=1).mean()
+    for row, c in zip(captured[0], (2, 3)):
+        idx = torch.nonzero(tr.y_train == c).flatten()
+        with torch.no_grad():
+            f = F.normalize(model0.features(tr.x_train[idx].float() / 255), dim=1)
+        expected = F.normalize(f.mean(0), dim=0) * old_norm
+        assert torch.allclose(row, expected, atol=1e-5)

@@ -111,3 +111,16 @@ def test_exemplars_per_class_growing_and_fixed():
         assert exemplars_per_class("fixed", seen) * seen <= 2000
     with pytest.raises(ValueError, match="memory.kind"):
         exemplars_per_class("unbounded", 10)
+
+
+def test_trainer_reports_a_bad_split_as_a_config_error(tmp_path):
+    """The split depends on the dataset's class count, known only once the data are loaded: still a ConfigError
+    naming the key (the CLI prints it without a traceback)."""
+    from conftest import tiny_config
+    from mnemonics_fast.config import ConfigError
+    from mnemonics_fast.trainer import Trainer
+
+    tr = Trainer(tiny_config(tmp_path, **{"protocol.num_phases": 3}))     # 6 classes: 4 left, 3 phases
+    with pytest.raises(ConfigError, match=r"protocol\.num_phases"):
+        tr.setup()
+    tr._log_file.close()

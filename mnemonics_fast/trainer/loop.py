@@ -82,13 +82,16 @@ class Trainer:
         remap[torch.tensor(self.order)] = torch.arange(ds.num_classes)
         self.y_train = remap[ds.train.labels]     # labels = positions in the class order
         self.y_test = remap[ds.test.labels]
-        self.phases = Phases(ds.num_classes, cfg.protocol.base_classes, cfg.protocol.num_phases)
+        try:
+            self.phases = Phases(ds.num_classes, cfg.protocol.base_classes, cfg.protocol.num_phases)
+        except ValueError as e:   # the split depends on the dataset's class count: a config error, named
+            raise ConfigError(f"{e} (dataset {ds.name} has {ds.num_classes} classes)") from None
         if ds.resident:
             self.x_train = to_device_nchw(ds.train.images, self.device)
             self.x_test = to_device_nchw(ds.test.images, self.device)
         self.file_loader_kind = self._choose_file_loader() if not ds.resident else None
         self.image_bytes = 3 * ds.image_size * ds.image_size
-        counts = torch.bincount(self.y_train, minlength=ds.num_classes)
+        counts = torch.bincount(ds.train.labels, minlength=ds.num_classes)   # per ORIGINAL class id
         self.log(f"mnemonics_fast {__version__} | torch {torch.__version__} | python {platform.python_version()} | "
                  f"device {self.device} | world {self.dist.world}")
         self.log(f"data: {ds.name}, {ds.num_classes} classes, {len(ds.train)} train / {len(ds.test)} test images "
@@ -98,10 +101,10 @@ class Trainer:
         mem = cfg.memory
         self.log(f"memory: {mem.kind} ({f'{mem.per_class} per class' if mem.kind == 'growing' else f'{mem.total} total'}), "
                  f"selection {mem.selection}{', mnemonics ' + cfg.mnemonics.mode if cfg.mnemonics.enabled else ''}")
-        small = [self.order.index(int(c)) for c in torch.nonzero(counts < mem.per_class).flatten()]
+        small = torch.nonzero(counts < mem.per_class).flatten().tolist()
         if mem.kind == "growing" and small:
             self.log(f"note: {len(small)} classes have fewer training images than memory.per_class={mem.per_class}; "
-                     f"they keep all their images as exemplars (e.g. class {ds.class_names[self.order[small[0]]]})")
+                     f"they keep all their images as exemplars (e.g. class {ds.class_names[small[0]]})")
 
     def _choose_file_loader(self) -> str:
         kind = self.cfg.data.loader
@@ -351,6 +354,11 @@ class Trainer:
             bar.close()
         if self.device.type == "cuda" and self.cfg.train.channels_last:
             model.to(memory_format=torch.contiguous_format)
+        if self.dist.enabled:
+            # DDP broadcasts buffers only at the start of each forward, so the last step left every rank with its
+            # own BN running statistics: make rank 0's the model of every rank (features, exemplars, checkpoint).
+            for b in model.buffers():
+                D.broadcast_tensor(b, self.dist)
         self._last_opt = (opt, sched)
         return {"train_s": t_train, "img_per_s": n_img / t_train if t_train > 0 else 0.0, "loss": last}
 

@@ -1,0 +1,175 @@
+"""Resuming: after a clean stop between phases, after a crash in the middle of a phase (partial checkpoint), and a
+checkpoint write killed halfway never leaves a broken file under the final name."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import REPO, run_trainer, tiny_config
+from mnemonics_fast.trainer import Trainer
+from mnemonics_fast.utils.io import atomic_torch_save, atomic_write_text
+
+pytestmark = pytest.mark.slow
+
+# 3 epochs per phase with a mid-phase checkpoint after every epoch; 3 phases.
+RESUME_CHANGES = {"train.epochs": 3, "train.milestones": [1, 2], "run.checkpoint_every": 1}
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run."""
+    return run_trainer(tiny_config(tmp_path_factory.mktemp("ref"), name="run", **RESUME_CHANGES))
+
+
+def _final_model(run_dir):
+    return torch.load(run_dir / "checkpoints" / "phase_002.pt", weights_only=False)
+
+
+def _assert_same_run(run, reference):
+    for key in ("top1", "top5", "acc_matrix", "avg_incremental_acc", "last_acc", "forgetting"):
+        assert run.summary[key] == reference.summary[key], key
+    assert [p["phase"] for p in run.summary["phases"]] == [0, 1, 2]
+    a, b = _final_model(run.run_dir), _final_model(reference.run_dir)
+    for k, v in b["model"].items():
+        assert torch.equal(a["model"][k], v), k
+    assert a["memory"]["ranking"].keys() == b["memory"]["ranking"].keys()
+    for c, r in b["memory"]["ranking"].items():
+        assert torch.equal(a["memory"]["ranking"][c], r)
+    assert torch.equal(a["class_means"], b["class_means"])
+
+
+def test_stop_between_phases_then_resume(tmp_path, reference):
+    cfg = tiny_config(tmp_path, name="run", **RESUME_CHANGES, **{"run.stop_after_phase": 1})
+    first = run_trainer(cfg)
+    assert "stopping after phase 1" in first.stdout
+    assert len(first.summary["top1"]["cnn"]) == 2
+    ckdir = first.run_dir / "checkpoints"
+    assert sorted(p.name for p in ckdir.glob("*.pt")) == ["phase_000.pt", "phase_001.pt"]
+    # A temp file left by an interrupted write is ignored by the resume.
+    (ckdir / ".phase_002.pt.abc123.tmp").write_bytes(b"\x00garbage")
+    resumed = run_trainer(tiny_config(tmp_path, name="run", **RESUME_CHANGES))      # resume=auto is the default
+    assert "resumed from" in resumed.stdout and "phase 1 complete" in resumed.stdout
+    assert resumed.stdout.count("top 1 accuracy CNN") == 1                          # only phase 2 was run
+    _assert_same_run(resumed, reference)
+    # metrics.json after the resume holds all phases.
+    import json
+    saved = json.loads((resumed.run_dir / "metrics.json").read_text())
+    assert saved["top1"] == reference.summary["top1"]
+
+
+@pytest.mark.parametrize("crash_phase,crash_epoch", [(2, 0), (0, 1)])
+def test_crash_mid_phase_then_resume(tmp_path, monkeypatch, reference, crash_phase, crash_epoch):
+    """Simulate a kill right after a partial (mid-phase) checkpoint was written; the resumed run continues from it."""
+    orig = Trainer._save_partial
+    saved = []
+
+    def save_then_crash(self, phase, epoch, model, opt, sched):
+        orig(self, phase, epoch, model, opt, sched)
+        saved.append((phase, epoch))
+        if (phase, epoch) == (crash_phase, crash_epoch):
+            raise Crash("simulated kill")
+
+    monkeypatch.setattr(Trainer, "_save_partial", save_then_crash)
+    cfg = tiny_config(tmp_path, name="run", **RESUME_CHANGES)
+    with pytest.raises(Crash):
+        run_trainer(cfg)
+    ckdir = tmp_path / "run" / "checkpoints"
+    partial = torch.load(ckdir / "partial.pt", weights_only=False)
+    assert (partial["phase"], partial["epoch"]) == (crash_phase, crash_epoch)
+    assert sorted(p.name for p in ckdir.glob("phase_*.pt")) == [f"phase_{i:03d}.pt" for i in range(crash_phase)]
+    monkeypatch.setattr(Trainer, "_save_partial", orig)
+
+    resumed = run_trainer(tiny_config(tmp_path, name="run", **RESUME_CHANGES))
+    assert f"resuming phase {crash_phase} at epoch {crash_epoch + 1}" in resumed.stdout     # the partial was used
+    _assert_same_run(resumed, reference)
+    assert not (ckdir / "partial.pt").exists()                     # removed once its phase completed
+    # The scheduler state came back too: the resumed phase saw the same lr schedule (the identical final model is the
+    # strong check; this one says why).
+    assert partial["scheduler"]["last_epoch"] == crash_epoch + 1
+
+
+def test_resume_refuses_a_different_protocol(tmp_path):
+    cfg = tiny_config(tmp_path, name="run", **{"run.stop_after_phase": 0, "train.epochs": 1})
+    run_trainer(cfg)
+    from mnemonics_fast.config import ConfigError
+    with pytest.raises(ConfigError, match="memory"):
+        run_trainer(tiny_config(tmp_path, name="run", **{"train.epochs": 1, "memory.per_class": 3}))
+    # resume=never starts afresh (and clears the old checkpoints).
+    fresh = run_trainer(tiny_config(tmp_path, name="run", **{"train.epochs": 1, "memory.per_class": 3,
+                                                             "run.resume": "never"}))
+    assert "resumed" not in fresh.stdout and len(fresh.summary["top1"]["cnn"]) == 3
+
+
+# ------------------------------------------------------------------ atomic writes
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    old = {"phase": 1, "w": torch.randn(64, 64)}
+    atomic_torch_save(old, path)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_torch_save({"phase": 2, "w": torch.randn(64, 64)}, path)
+    monkeypatch.undo()
+    back = torch.load(path, weights_only=False)
+    assert back["phase"] == 1 and torch.equal(back["w"], old["w"])
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]          # the temp file was cleaned up
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, sys, time, torch
+    from mnemonics_fast.utils.io import atomic_torch_save
+    path = sys.argv[1]
+    atomic_torch_save({"phase": 1, "w": torch.arange(1000.0)}, path)
+    real_fsync = os.fsync
+    def stall(fd):
+        print("WRITING", flush=True)    # the new data are in the temp file, not yet renamed
+        time.sleep(120)
+    os.fsync = stall
+    atomic_torch_save({"phase": 2, "w": torch.randn(2_000_000)}, path)
+    print("DONE", flush=True)
+""")
+
+
+def test_killed_in_the_middle_of_a_checkpoint_write(tmp_path):
+    """SIGKILL while a big checkpoint is being written: the previous file loads, nothing partial has its name."""
+    path = tmp_path / "phase_001.pt"
+    script = tmp_path / "writer.py"
+    script.write_text(KILL_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "WRITING"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    back = torch.load(path, weights_only=False)
+    assert back["phase"] == 1 and torch.equal(back["w"], torch.arange(1000.0))
+    # The half-written data only ever lived in a hidden temp file, which a resume ignores.
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("phase_001.pt", "writer.py")]
+    assert all(n.startswith(".phase_001.pt.") and n.endswith(".tmp") for n in leftovers)
+    assert sorted(tmp_path.glob("phase_*.pt")) == [path]
+
+
+def test_atomic_write_text_replaces_whole_file(tmp_path):
+    p = tmp_path / "m.json"
+    atomic_write_text(p, "a" * 1000)
+    atomic_write_text(p, "b")
+    assert p.read_text() == "b"
