@@ -164,6 +164,8 @@ def _check_type(key: str, value, tp):
         return float(value)
     if tp is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
         return float(value)   # PyYAML (YAML 1.1) reads `5e-4`, without a dot, as a string
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)     # `run.name=2024`: YAML reads a number; a name or path that looks like one is still a name
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool) \
             or not isinstance(value, tp):
         raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {type(value).__name__} ({value!r})")

@@ -528,7 +528,8 @@ class Trainer:
         try:
             state = torch.load(last, map_location=self.device, weights_only=False)
         except Exception as e:  # noqa: BLE001 - a corrupt file must name itself
-            raise RuntimeError(f"checkpoint {last} cannot be read ({e}); delete it to resume from the one before")
+            raise ConfigError(f"run.resume=auto: checkpoint {last} cannot be read ({type(e).__name__}: {e}); delete it "
+                              f"to resume from the phase before, or set run.resume=never") from None
         for key in ("protocol", "data", "model", "memory", "method"):
             if state["config"][key] != to_dict(self.cfg)[key]:
                 raise ConfigError(f"run.resume=auto: checkpoint {last} was written with a different '{key}' section; "
