@@ -26,6 +26,7 @@ class DataConfig:
     download: bool = False         # torchvision CIFAR-100 only: fetch it when missing
     loader: str = "auto"           # auto | resident | torchvision | dali
     image_size: int = 32           # training/eval crop (32 for CIFAR-like, 224 for ImageNet)
+    crop_padding: int = 4          # small images: zero-pad then random crop (CIFAR/LUCIR: 4 on 32x32)
     resize: int = 256              # ImageNet eval resize before the centre crop
     cache_dir: str = "~/.cache/mnemonics_fast"  # decoded uint8 caches of small-image ImageFolder trees
     num_workers: int = 4           # file loaders only

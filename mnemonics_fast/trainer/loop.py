@@ -124,7 +124,7 @@ class Trainer:
     def _train_loader(self, idx: torch.Tensor, labels: torch.Tensor, extra, seed: int, batch_size: int):
         if self.ds.resident:
             return ResidentTrainLoader(self.x_train, idx, labels, extra, batch_size, self.device, self.dist.rank,
-                                       self.dist.world, seed)
+                                       self.dist.world, seed, pad=self.cfg.data.crop_padding)
         files = [self.ds.train.files[i] for i in idx.tolist()]
         cls = self._file_loader_classes()[0]
         return cls(files, labels, extra, batch_size, self.device, self.dist.rank, self.dist.world, seed,
