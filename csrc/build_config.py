@@ -1,6 +1,7 @@
 """Build configuration of the mnemonics_fast._C extension: the one source of truth for setup.py and CMakeLists.txt.
 
-setup.py imports this file; CMake runs ``python csrc/build_config.py --cmake OUT.cmake`` and includes the result.
+setup.py imports this file; CMake runs ``python csrc/build_config.py --cmake OUT.cmake`` and includes the result
+(which also writes the generated build_info.h next to it).
 Everything that decides *what* is compiled and *how* lives here: the source list, compiler flags, the CUDA arch list,
 where CUDA_HOME and the pip-installed CUDA headers are, and how many parallel compile jobs fit in memory.
 
@@ -108,7 +109,7 @@ def generated_dir() -> str:
 
 
 def write_build_info(out_dir: str, torch_version: str, torch_cuda: str, archs: str, system: str) -> str:
-    """Fill csrc/build_info.h.in (same @VAR@ syntax as CMake's configure_file)."""
+    """Fill csrc/build_info.h.in (@VAR@ placeholders) into out_dir/build_info.h."""
     with open(os.path.join(HERE, "build_info.h.in")) as f:
         text = f.read()
     for key, value in (("TORCH_VERSION", torch_version), ("TORCH_CUDA_VERSION", torch_cuda),
@@ -128,15 +129,15 @@ def _cmake_list(values) -> str:
 
 
 def write_cmake(path: str) -> None:
-    """Everything CMakeLists.txt needs, as set() commands."""
+    """Everything CMakeLists.txt needs, as set() commands, plus build_info.h in <dir of path>/generated."""
     import sysconfig
-
-    import torch
-    from torch.utils import cpp_extension
 
     cuda_home, how = find_cuda_home()
     if cuda_home is None:
         raise SystemExit(f"mnemonics_fast: cannot build the CUDA extension: {how}")
+    os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
+    import torch
+    from torch.utils import cpp_extension
     if torch.version.cuda is None:
         raise SystemExit(f"mnemonics_fast: torch {torch.__version__} is a CPU-only build; the extension needs CUDA")
     archs = arch_list()
@@ -147,7 +148,9 @@ def write_cmake(path: str) -> None:
         ptx = a.endswith("+PTX")
         num = a.replace("+PTX", "").replace(".", "")
         cmake_archs.append(f"{num}-real" if not ptx else num)  # "90" = SASS + PTX, "90-real" = SASS only
-    src = inspect_cpp_std(cpp_extension)
+    std = inspect_cpp_std(cpp_extension)
+    gen_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "generated")
+    write_build_info(gen_dir, torch.__version__, torch.version.cuda, archs, "cmake")
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     defines = [f"_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "TORCH_EXTENSION_NAME=_C",
                "TORCH_API_INCLUDE_EXTENSION_H"]
@@ -156,20 +159,18 @@ def write_cmake(path: str) -> None:
         "MF_CUDA_HOME": [cuda_home],
         "MF_NVCC": [os.path.join(cuda_home, "bin", "nvcc")],
         "MF_CUDA_ARCHITECTURES": cmake_archs,
-        "MF_ARCH_LIST": [archs],
-        "MF_CXX_STANDARD": [src],
+        "MF_CXX_STANDARD": [std],
         "MF_CXX_FLAGS": CXX_FLAGS,
+        # plus the flags torch.utils.cpp_extension adds for nvcc
         "MF_NVCC_FLAGS": NVCC_FLAGS + ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                                        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
                                        "--expt-relaxed-constexpr"],
         "MF_DEFINES": defines,
-        "MF_INCLUDE_DIRS": [os.path.join(ROOT, "csrc")] + cpp_extension.include_paths("cuda")
+        "MF_INCLUDE_DIRS": [os.path.join(ROOT, "csrc"), gen_dir] + cpp_extension.include_paths("cuda")
         + pip_cuda_include_dirs(torch.version.cuda) + [sysconfig.get_paths()["include"]],
         "MF_TORCH_LIBRARY_DIR": [torch_lib],
         "MF_LIBRARIES": ["c10", "torch", "torch_cpu", "c10_cuda", "torch_cuda"],
         "MF_EXT_SUFFIX": [sysconfig.get_config_var("EXT_SUFFIX")],
-        "MF_TORCH_VERSION": [torch.__version__],
-        "MF_TORCH_CUDA_VERSION": [torch.version.cuda],
         "MF_PACKAGE_DIR": [os.path.join(ROOT, "mnemonics_fast")],
     }
     with open(path, "w") as f:

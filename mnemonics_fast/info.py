@@ -48,7 +48,8 @@ def format_info(info: dict) -> str:
     if build:
         cudart = build["cuda_runtime_version"]
         row("  built against torch", build["torch_version"])
-        row("  built against CUDA", f"{build['torch_cuda_version']} (nvcc runtime {cudart // 1000}.{cudart % 1000 // 10})")
+        nvcc = f"{cudart // 1000}.{cudart % 1000 // 10}"
+        row("  built against CUDA", f"{build['torch_cuda_version']} (nvcc runtime {nvcc})")
         row("  arch list", build["arch_list"])
         row("  built by", build["build_system"])
     row("runtime torch", f"{info['runtime_torch_version']} (CUDA {info['runtime_torch_cuda_version']})")

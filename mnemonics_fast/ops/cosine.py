@@ -4,9 +4,10 @@ Dispatch:
     CUDA      the fused kernels / cuBLAS path of csrc/cosine_linear.cu (reference + one warning if not built)
     CPU       reference_cosine_linear
     Meta/fake shape functions below (torch.compile, opcheck)
-    Autograd  backward is the op cosine_linear_backward (CUDA kernels / reference_cosine_linear_backward on CPU);
-              its own backward (double backward, e.g. mnemonics' unrolled inner step) differentiates the reference
-              formula, so higher-order gradients are exact but run as plain PyTorch.
+    Autograd  backward is the op cosine_linear_backward (CUDA kernels / reference_cosine_linear_backward on CPU).
+              With create_graph=True (double backward, e.g. mnemonics' unrolled inner step) the backward runs the
+              reference formula in differentiable PyTorch instead, so higher-order gradients are exact (and slower).
+              cosine_linear_backward itself has no autograd formula.
     Autocast  x and weight are cast to the autocast dtype (like F.linear), sigma is left alone; the op then runs in
               that dtype (fp32 accumulation) and returns it.
 """
@@ -68,34 +69,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     x, weight, sigma, out = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward, e.g. mnemonics' unrolled inner step): the reference formula in plain
+        # differentiable ops, so every higher-order gradient is exact. Grad mode is off in ordinary backward passes
+        # and while torch.compile traces one, which therefore use the kernel op.
+        return reference_cosine_linear_backward(grad_out, out, x, weight, sigma)
     return _bwd(grad_out, out, x, weight, sigma)
 
 
 torch.library.register_autograd("mnemonics_fast::cosine_linear", _backward, setup_context=_setup_context)
-
-
-def _backward_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _double_backward(ctx, *grads):
-    """Vector-Jacobian product of reference_cosine_linear_backward w.r.t. (grad_out, out, x, weight, sigma)."""
-    saved, needs = ctx.saved_tensors, ctx.needs_input_grad
-    create_graph = torch.is_grad_enabled()
-    with torch.enable_grad():
-        ins = [t if n else t.detach() for t, n in zip(saved, needs)]
-        outs = reference_cosine_linear_backward(*ins)
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        wrt = [t for t, n in zip(ins, needs) if n]
-        if not pairs or not wrt:
-            return (None,) * len(needs)
-        got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True,
-                                       create_graph=create_graph))
-    return tuple(next(got) if n else None for n in needs)
-
-
-torch.library.register_autograd("mnemonics_fast::cosine_linear_backward", _double_backward,
-                                setup_context=_backward_setup_context)
 
 
 # ---- autocast ---------------------------------------------------------------------------------------------------

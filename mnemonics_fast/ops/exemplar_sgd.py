@@ -36,12 +36,24 @@ if not ext.KERNELS:
     ext.impl_lib.impl("exemplar_sgd_step_", _exemplar_sgd_step_cuda_fallback, "CUDA")
 
 
+def _increment_versions(tensors) -> None:
+    torch.autograd.graph.increment_version(tensors)
+
+
+try:  # increment_version takes a list in recent torch; older versions take one tensor at a time
+    torch.autograd.graph.increment_version([torch.empty(0)])
+except TypeError:
+    def _increment_versions(tensors) -> None:  # noqa: F811
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
+
+
 def _exemplar_sgd_step_ad_inplace_or_view(keyset, params, grads, momentum_buffers, *scalars):
     """Bump the version counters of the tensors the op writes (as torch.library.custom_op does for mutable ops), so
     autograd notices if a graph saved them before the step. The CUDA kernel writes through raw pointers and would
     not bump them itself."""
-    torch.autograd.graph.increment_version(params)
-    torch.autograd.graph.increment_version(momentum_buffers)
+    _increment_versions(params)
+    _increment_versions(momentum_buffers)
     return _op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, params, grads, momentum_buffers, *scalars)
 
 

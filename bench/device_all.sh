@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Everything this project checks on a GPU, in two calls that fit one 15-minute device lease (see README "Performance"):
+#
+#   bash bench/device_all.sh 1   # ~6 min: build, CUDA op tests + compute-sanitizer, op benchmarks, one mnemonics
+#                                #         outer step benchmark, phase-0 training throughput
+#   bash bench/device_all.sh 2   # ~5 min: tin100a-32 real-data runs (mnemonics sweep; random vs herding vs mnemonics)
+#
+# Needs the development set as .devdata/tin100a-32.tar.xz (git-ignored; copy it from ../shared/data) for part 1's
+# training benchmark and for part 2. Everything is written under $WORK and packed into $OUT/device_part<N>.tgz
+# (the device tool brings back at most 8 files); the short tables are printed last.
+set -u
+cd "$(dirname "$0")/.."
+PART=${1:-1}
+export OUT=${OUT:-./device_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=/tmp/mf_device_part$PART
+rm -rf "$WORK"; mkdir -p "$WORK"
+export PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+if ! "$PY" -c "import pytest" > /dev/null 2>&1 && [ -d build/pylibs ]; then
+  export PYTHONPATH="$PWD/build/pylibs${PYTHONPATH:+:$PYTHONPATH}"
+fi
+DATA=/tmp/mf_data/tin100a-32
+if [ ! -d "$DATA" ] && [ -f .devdata/tin100a-32.tar.xz ]; then
+  mkdir -p /tmp/mf_data && tar xJf .devdata/tin100a-32.tar.xz -C /tmp/mf_data
+fi
+T0=$SECONDS
+stamp() { echo "[device_all part $PART] $((SECONDS - T0))s: $*"; }
+
+if [ "$PART" = 1 ]; then
+  stamp "build + op benchmarks on a quiet GPU"
+  OUT="$WORK" SECTIONS="env build bench_cosine bench_sgd" DEADLINE=230 bash bench/device_check.sh > "$WORK/check_a.txt" 2>&1
+  cp "$WORK/summary.txt" "$WORK/summary_a.txt" 2>/dev/null
+  stamp "mnemonics outer step benchmark"
+  timeout 130 "$PY" bench/bench_mnemonics.py --sizes 100,1000 --steps 1,5 --modes full,head --repeats 5 --warmup 2 \
+    --out "$WORK/bench_mnemonics.json" > "$WORK/bench_mnemonics.log" 2>&1 || echo "bench_mnemonics rc=$?"
+  stamp "training throughput benchmark"
+  timeout 70 "$PY" bench/bench_train.py --root "$DATA" --steps 40 --warmup 10 --out "$WORK/bench_train.json" \
+    > "$WORK/bench_train.log" 2>&1 || echo "bench_train rc=$?"
+  stamp "CUDA op tests + compute-sanitizer (correctness; timings above were taken before)"
+  mkdir -p "$WORK/check_b"
+  OUT="$WORK/check_b" SECTIONS="test_cuda sanitize" DEADLINE=200 bash bench/device_check.sh > "$WORK/check_b.txt" 2>&1
+  stamp "done"
+  tail -n 40 "$WORK/bench_mnemonics.log"
+  tail -n 8 "$WORK/bench_train.log"
+  cat "$WORK/summary_a.txt" 2>/dev/null | head -n 60
+  cat "$WORK/check_b/summary.txt" 2>/dev/null | head -n 10
+  grep -E "passed|failed|error" "$WORK/check_b/test_cuda.log" | tail -n 5
+else
+  stamp "tin100a-32 experiments"
+  timeout 420 "$PY" bench/tin100_experiments.py --root "$DATA" --runs "$WORK/runs" --out "$WORK/tin100.json" \
+    --logs "$WORK/logs" --epochs "${EPOCHS:-10}" --lrs "${LRS:-1,10,100}" --inner-lrs "${ALPHAS:-0.01,0.1}" \
+    --extra mnemonics.cuda_graph=true > "$WORK/tin100.log" 2>&1 || echo "tin100 rc=$?"
+  stamp "done"
+  rm -rf "$WORK"/runs/*/checkpoints "$WORK"/runs/*/tensorboard
+  cat "$WORK/tin100.log" | tail -n 30
+fi
+tar czf "$OUT/device_part$PART.tgz" -C "$WORK" . && ls -la "$OUT"

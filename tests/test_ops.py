@@ -1,0 +1,399 @@
+"""CPU tests of the custom ops (CI; no GPU needed, well under a minute).
+
+- the references agree with naive formulas (explicit loops, torch.optim.SGD + clamp);
+- the ops (CPU = reference implementation) pass torch.library.opcheck, gradcheck and gradgradcheck in float64;
+- the extension, if built, imports and defines the same schemas as the Python fallback; the env switches work;
+- the CUDA kernels' *source* runs on the CPU through csrc/emulation and matches the reference (every launch path,
+  odd sizes, guard zones around every buffer). That is the only execution of kernel code this machine can do.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mnemonics_fast.ops as ops
+from mnemonics_fast.ops import _extension as ext
+from mnemonics_fast.ops.reference import (
+    NORM_EPS,
+    reference_cosine_linear,
+    reference_cosine_linear_backward,
+    reference_exemplar_sgd_step_,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ODD_SHAPES = [(1, 1, 1), (3, 5, 7), (7, 2, 100), (16, 33, 64)]  # (B, C, D)
+
+
+def _randn(*shape, dtype=torch.float64, requires_grad=False, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else hash(shape) % 2**31)
+    t = torch.randn(*shape, dtype=dtype, generator=g)
+    return t.requires_grad_(requires_grad)
+
+
+def _sigma(value=1.7, dtype=torch.float64, requires_grad=False):
+    return torch.tensor(value, dtype=dtype, requires_grad=requires_grad)
+
+
+def _run(code: str, env_update: dict | None = None, drop=("MNEMONICS_FAST_FORCE_REFERENCE",)):
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(env_update or {})
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=120)
+
+
+# ---- references vs naive formulas ---------------------------------------------------------------------------------
+def _naive_cosine_linear(x, w, sigma):
+    B, C = x.shape[0], w.shape[0]
+    out = torch.empty(B, C, dtype=x.dtype)
+    for b in range(B):
+        nx = max(math.sqrt(sum(float(v) ** 2 for v in x[b])), NORM_EPS)
+        for c in range(C):
+            nw = max(math.sqrt(sum(float(v) ** 2 for v in w[c])), NORM_EPS)
+            out[b, c] = float(sigma) * sum(float(a) * float(e) for a, e in zip(x[b], w[c])) / (nx * nw)
+    return out
+
+
+@pytest.mark.parametrize("B,C,D", ODD_SHAPES)
+def test_reference_cosine_linear_matches_loops(B, C, D):
+    x, w = _randn(B, D), _randn(C, D)
+    if B > 1:
+        x[1] = 0.0  # a zero row stays zero (eps), like F.normalize
+    torch.testing.assert_close(reference_cosine_linear(x, w, _sigma()), _naive_cosine_linear(x, w, _sigma()))
+
+
+@pytest.mark.parametrize("B,C,D", ODD_SHAPES + [(6, 4, 9)])
+@pytest.mark.parametrize("zero_rows", [False, True])
+def test_reference_backward_matches_autograd(B, C, D, zero_rows):
+    x, w = _randn(B, D, requires_grad=True), _randn(C, D, requires_grad=True)
+    s = _sigma(requires_grad=True)
+    if zero_rows:
+        with torch.no_grad():
+            x[0] = 0.0
+            w[-1] = 0.0
+    out = reference_cosine_linear(x, w, s)
+    g = _randn(B, C, seed=1)
+    expected = torch.autograd.grad(out, (x, w, s), g)
+    got = reference_cosine_linear_backward(g, out.detach(), x.detach(), w.detach(), s.detach())
+    for e, a in zip(expected, got):
+        torch.testing.assert_close(a, e)
+        assert a.is_contiguous() and a.dtype == e.dtype and a.shape == e.shape
+
+
+def _sgd_lists(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    return params, grads
+
+
+SGD_SHAPES = [(3, 32, 32), (7,), (1,), (0,), (4097,), (3, 5, 5)]
+
+
+def test_reference_sgd_matches_torch_optim_sgd_plus_clamp():
+    lr, momentum, wd, lo, hi = 0.05, 0.9, 5e-4, -1.0, 1.0
+    params, _ = _sgd_lists(SGD_SHAPES)
+    ours = [p.clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]  # zero buffers: the first step equals SGD's buf = d_p
+    theirs = [p.clone().requires_grad_() for p in params]
+    opt = torch.optim.SGD(theirs, lr=lr, momentum=momentum, weight_decay=wd, foreach=False)
+    for step in range(4):
+        _, grads = _sgd_lists(SGD_SHAPES, seed=step + 1)
+        reference_exemplar_sgd_step_(ours, grads, bufs, lr, momentum, wd, lo, hi)
+        for t, g in zip(theirs, grads):
+            t.grad = g.clone()
+        opt.step()
+        with torch.no_grad():
+            for t in theirs:
+                t.clamp_(lo, hi)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-6)
+
+
+# ---- the ops on CPU --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("B,C,D", ODD_SHAPES)
+def test_cpu_op_is_the_reference(B, C, D):
+    x, w, s = _randn(B, D, dtype=torch.float32), _randn(C, D, dtype=torch.float32), _sigma(dtype=torch.float32)
+    assert torch.equal(ops.cosine_linear(x, w, s), reference_cosine_linear(x, w, s))
+
+
+@pytest.mark.parametrize("B,C,D", [(3, 5, 7), (7, 2, 10)])
+def test_gradcheck_and_gradgradcheck_float64(B, C, D):
+    x, w, s = _randn(B, D, requires_grad=True), _randn(C, D, requires_grad=True), _sigma(requires_grad=True)
+    assert torch.autograd.gradcheck(ops.cosine_linear, (x, w, s))
+    assert torch.autograd.gradgradcheck(ops.cosine_linear, (x, w, s))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("B,C,D", [(3, 5, 7), (16, 33, 64)])
+def test_opcheck_cosine_linear(B, C, D, dtype, requires_grad):
+    args = (_randn(B, D, dtype=dtype, requires_grad=requires_grad),
+            _randn(C, D, dtype=dtype, requires_grad=requires_grad), _sigma(dtype=dtype, requires_grad=requires_grad))
+    torch.library.opcheck(torch.ops.mnemonics_fast.cosine_linear.default, args)
+
+
+def test_opcheck_cosine_linear_backward():
+    x, w, s = _randn(5, 7), _randn(3, 7), _sigma()
+    out = reference_cosine_linear(x, w, s)
+    torch.library.opcheck(torch.ops.mnemonics_fast.cosine_linear_backward.default, (_randn(5, 3), out, x, w, s))
+
+
+@pytest.mark.parametrize("shapes", [[(3, 32, 32)], SGD_SHAPES])
+def test_opcheck_exemplar_sgd_step(shapes):
+    params, grads = _sgd_lists(shapes)
+    bufs = [torch.randn_like(p) for p in params]
+    torch.library.opcheck(torch.ops.mnemonics_fast.exemplar_sgd_step_.default,
+                          (params, grads, bufs, 0.1, 0.9, 5e-4, -1.0, 1.0))
+
+
+def test_exemplar_sgd_step_wrapper():
+    params, grads = _sgd_lists(SGD_SHAPES)
+    bufs = [torch.randn_like(p) for p in params]
+    want_p, want_b = [p.clone() for p in params], [b.clone() for b in bufs]
+    reference_exemplar_sgd_step_(want_p, grads, want_b, 0.1, 0.9, 5e-4, -0.5, 0.5)
+    versions = [p._version for p in params]
+    grads_before = [g.clone() for g in grads]
+    ops.exemplar_sgd_step_(params, grads, bufs, 0.1, 0.9, 5e-4, -0.5, 0.5)
+    for a, b in zip(params + bufs, want_p + want_b):
+        assert torch.equal(a, b)
+    assert all(g.equal(h) for g, h in zip(grads, grads_before))
+    assert all(p._version > v for p, v in zip(params, versions))  # autograd sees the in-place update
+    # a single bank tensor is accepted for a one-element list; leaves that require grad are fine (no_grad inside)
+    bank = torch.randn(4, 3, 8, 8, requires_grad=True)
+    ops.exemplar_sgd_step_(bank, torch.randn(4, 3, 8, 8), torch.zeros(4, 3, 8, 8), 0.1, 0.9, 0.0, 0.0, 1.0)
+    assert bank.min() >= 0.0 and bank.max() <= 1.0
+    ops.exemplar_sgd_step_([], [], [], 0.1, 0.9, 0.0, 0.0, 1.0)  # empty: no-op
+    with pytest.raises(ValueError, match="same length"):
+        ops.exemplar_sgd_step_(params, grads[:-1], bufs, 0.1, 0.9, 0.0, 0.0, 1.0)
+
+
+def test_compile_aot_eager_fullgraph_cpu():
+    x, w, s = _randn(6, 9, requires_grad=True), _randn(4, 9, requires_grad=True), _sigma(requires_grad=True)
+
+    def f(x, w, s):
+        return ops.cosine_linear(x, w, s).square().sum()
+
+    want = torch.autograd.grad(f(x, w, s), (x, w, s))
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(x, w, s), (x, w, s))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+    def step(p, g, b):
+        ops.exemplar_sgd_step_([p], [g], [b], 0.1, 0.9, 1e-3, -1.0, 1.0)
+        return p.sum()
+
+    p, g, b = _randn(2, 3, 4, dtype=torch.float32), _randn(2, 3, 4, dtype=torch.float32, seed=3), torch.zeros(2, 3, 4)
+    p2, b2 = p.clone(), b.clone()
+    torch.compile(step, backend="aot_eager", fullgraph=True)(p, g, b)
+    reference_exemplar_sgd_step_([p2], [g], [b2], 0.1, 0.9, 1e-3, -1.0, 1.0)
+    assert torch.equal(p, p2) and torch.equal(b, b2)
+
+
+def test_autocast_cpu_casts_to_autocast_dtype():
+    x, w = _randn(4, 6, dtype=torch.float32, requires_grad=True), _randn(3, 6, dtype=torch.float32, requires_grad=True)
+    s = _sigma(dtype=torch.float32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.cosine_linear(x, w, s)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == w.grad.dtype == s.grad.dtype == torch.float32
+    torch.testing.assert_close(out.float(), reference_cosine_linear(x, w, s).detach(), atol=0.05, rtol=0.02)
+
+
+def test_fake_tensor_shapes_and_checks():
+    out = ops.cosine_linear(torch.empty(5, 7, device="meta"), torch.empty(3, 7, device="meta"),
+                            torch.empty((), device="meta"))
+    assert out.shape == (5, 3) and out.device.type == "meta"
+    with pytest.raises(RuntimeError, match="sigma must be 0-dim"):
+        ops.cosine_linear(torch.empty(5, 7, device="meta"), torch.empty(3, 7, device="meta"),
+                          torch.empty(1, device="meta"))
+    with pytest.raises(RuntimeError, match="weight must be"):
+        ops.cosine_linear(torch.empty(5, 7, device="meta"), torch.empty(3, 8, device="meta"),
+                          torch.empty((), device="meta"))
+
+
+def test_model_head_uses_the_op():
+    from mnemonics_fast.models.cosine import CosineLinear
+
+    head = CosineLinear(9, 4).double()
+    x = _randn(5, 9)
+    logits, cos = head(x, return_cos=True)
+    torch.testing.assert_close(logits, reference_cosine_linear(x, head.weight, head.sigma))
+    torch.testing.assert_close(cos, F.normalize(x, dim=1) @ F.normalize(head.weight, dim=1).t())
+    logits.sum().backward()
+    assert head.weight.grad is not None and head.sigma.grad is not None
+
+
+# ---- extension, environment switches, info ---------------------------------------------------------------------------
+def test_python_schemas_match_the_extension():
+    if not ext._so_files():
+        pytest.skip("extension not built")
+    code = ("import torch, mnemonics_fast.ops as o\n"
+            "from mnemonics_fast.ops import _extension as e\n"
+            "assert o.kernels_available(), e.UNAVAILABLE_REASON\n"
+            "import mnemonics_fast._C as C\n"
+            "info = C.build_info(); assert {'torch_version', 'arch_list', 'torch_cuda_version'} <= set(info), info\n"
+            "for name, schema in e.SCHEMAS.items():\n"
+            "    got = str(getattr(torch.ops.mnemonics_fast, name).default._schema)\n"
+            "    assert got == 'mnemonics_fast::' + schema, (got, schema)\n"
+            "print('ok', info['torch_version'])\n")
+    proc = _run(code)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_force_reference_env():
+    code = ("import torch, mnemonics_fast.ops as o\n"
+            "i = o.backend_info()\n"
+            "assert not o.kernels_available() and i['force_reference'], i\n"
+            "assert 'FORCE_REFERENCE' in i['reason_unavailable']\n"
+            "assert i['ops']['cosine_linear']['cuda'] == 'reference'\n"
+            "x = torch.randn(3, 4); w = torch.randn(2, 4); s = torch.tensor(2.0)\n"
+            "assert torch.equal(o.cosine_linear(x, w, s), o.reference_cosine_linear(x, w, s))\n"
+            "print('ok')\n")
+    proc = _run(code, {"MNEMONICS_FAST_FORCE_REFERENCE": "1"})
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_missing_extension_warns_once_and_falls_back():
+    code = ("import importlib, warnings\n"
+            "real = importlib.import_module\n"
+            "def fake(name, *a, **k):\n"
+            "    if name == 'mnemonics_fast._C':\n"
+            "        raise OSError('undefined symbol: _ZN3c10 (simulated)')\n"
+            "    return real(name, *a, **k)\n"
+            "importlib.import_module = fake\n"
+            "import torch, mnemonics_fast.ops as o\n"
+            "from mnemonics_fast.ops import cosine\n"
+            "assert not o.kernels_available()\n"
+            "r = o.backend_info()['reason_unavailable']\n"
+            "assert ('failed to load' in r and 'simulated' in r) or 'not built' in r, r\n"
+            "x = torch.randn(3, 4); w = torch.randn(2, 4); s = torch.tensor(2.0)\n"
+            "with warnings.catch_warnings(record=True) as rec:\n"
+            "    warnings.simplefilter('always')\n"
+            "    for _ in range(3):\n"
+            "        y = cosine._cosine_linear_cuda_fallback(x, w, s)  # what a CUDA call would run\n"
+            "assert len(rec) == 1 and 'reference' in str(rec[0].message), [str(m.message) for m in rec]\n"
+            "assert torch.equal(y, o.reference_cosine_linear(x, w, s))\n"
+            "print('ok')\n")
+    proc = _run(code)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_info_module(capsys):
+    from mnemonics_fast.info import main
+
+    assert main(["--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"kernels_available", "ops", "gpu", "dali", "build"} <= set(info)
+    assert info["kernels_available"] == ops.kernels_available()
+    proc = subprocess.run([sys.executable, "-m", "mnemonics_fast.info"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 0 and "mnemonics_fast._C" in proc.stdout and "DALI" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_import_is_cheap_and_does_not_touch_cuda():
+    code = ("import time, torch\n"
+            "t = time.perf_counter(); import mnemonics_fast.ops; dt = time.perf_counter() - t\n"
+            "assert not torch.cuda.is_initialized()\n"
+            "print(dt)\n")
+    proc = _run(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) < 2.0
+
+
+# ---- the CUDA kernels' source, emulated on the CPU -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def emu():
+    sys.path.insert(0, os.path.join(ROOT, "csrc", "emulation"))
+    try:
+        import emulator
+    finally:
+        sys.path.pop(0)
+    try:
+        emulator.build()
+    except RuntimeError as exc:
+        if "no C++ compiler" in str(exc):
+            pytest.skip(str(exc))
+        raise
+    return emulator.load()
+
+
+EMU_SHAPES = [(1, 2, 1), (7, 5, 100), (33, 45, 64), (70, 33, 65), (40, 100, 37)]
+
+
+def _rel_err(a, b):
+    """Largest error relative to the magnitude of its row (zero rows make some rows ~1e12 times larger than others).
+    Rows below 0.1 (e.g. D = 1, where the gradient is zero up to rounding) are compared against 0.1: the inputs are
+    O(1), so an indexing bug shows up as an O(1) error either way."""
+    a, b = a.double().reshape(b.shape[0] if b.dim() else 1, -1), b.double().reshape(b.shape[0] if b.dim() else 1, -1)
+    scale = b.abs().amax(dim=1, keepdim=True).clamp_min(0.1)
+    return ((a - b).abs() / scale).max().item()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "blas"])
+@pytest.mark.parametrize("B,C,D", EMU_SHAPES)
+def test_emulated_kernels_fp32(emu, B, C, D, fused):
+    x, w, s = _randn(B, D), _randn(C, D), _sigma()
+    if B > 2:
+        x[1] = 0.0  # zero rows take the eps branch in every kernel
+        w[0] = 0.0
+    g = _randn(B, C, seed=7)
+    out_ref = reference_cosine_linear(x, w, s)
+    grads_ref = reference_cosine_linear_backward(g, out_ref, x, w, s)
+    f = torch.float32
+    out = emu.cosine_forward(x.to(f), w.to(f), s.to(f), fused)
+    grads = emu.cosine_backward(g.to(f), out_ref.to(f), x.to(f), w.to(f), s.to(f), fused)
+    assert out.dtype == f and _rel_err(out, out_ref) < 1e-5
+    for name, got, want in zip(("dx", "dw", "dsigma"), grads, grads_ref):
+        assert torch.isfinite(got).all(), name
+        assert _rel_err(got, want) < 1e-5, (name, _rel_err(got, want))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "blas"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_emulated_kernels_low_precision(emu, dtype, fused):
+    """The flash-attention rule: error vs the float64 reference at most 2x (outputs) / 3x (gradients) the error of
+    PyTorch computing the reference in `dtype` (here on the CPU)."""
+    B, C, D = 40, 37, 70
+    # inputs representable in `dtype`, so that the float64 reference sees exactly what the kernel sees
+    x, w, g = (_randn(B, D).to(dtype).double(), _randn(C, D).to(dtype).double(),
+               _randn(B, C, seed=5).to(dtype).double())
+    s = _sigma(dtype=torch.float32)  # a float32 sigma with half inputs: the autocast case
+    out_ref = reference_cosine_linear(x, w, s.double())
+    grads_ref = reference_cosine_linear_backward(g, out_ref, x, w, s.double())
+    xl, wl, sl = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_(), s.clone().requires_grad_()
+    out_pt = reference_cosine_linear(xl, wl, sl)
+    grads_pt = torch.autograd.grad(out_pt, (xl, wl, sl), g.to(dtype))
+
+    out = emu.cosine_forward(x.to(dtype), w.to(dtype), s, fused)
+    assert out.dtype == dtype
+    assert _rel_err(out, out_ref) <= 2 * _rel_err(out_pt, out_ref) + 1e-6
+    grads = emu.cosine_backward(g.to(dtype), out_ref.to(dtype), x.to(dtype), w.to(dtype), s, fused)
+    assert grads[2].dtype == torch.float32
+    for name, got, pt, want in zip(("dx", "dw", "dsigma"), grads, grads_pt, grads_ref):
+        assert _rel_err(got, want) <= 3 * _rel_err(pt, want) + 1e-6, (name, _rel_err(got, want), _rel_err(pt, want))
+
+
+@pytest.mark.parametrize("case", ["bank", "mixed", "misaligned", "table", "no_weight_decay"])
+def test_emulated_exemplar_sgd(emu, case):
+    shapes = {"bank": [(5, 3, 32, 32)], "mixed": SGD_SHAPES + [(3, 32, 32)] * 3,
+              "misaligned": [(3, 32, 32), (7,), (4097,)], "table": [(13,)] * 70 + [(9000,)],
+              "no_weight_decay": [(6, 3, 8, 8)]}[case]
+    params, grads = _sgd_lists(shapes)
+    bufs = [torch.randn_like(p) for p in params]
+    want_p, want_b = [p.clone() for p in params], [b.clone() for b in bufs]
+    wd = 0.0 if case == "no_weight_decay" else 5e-4
+    reference_exemplar_sgd_step_(want_p, grads, want_b, 0.1, 0.9, wd, -1.0, 1.0)
+    emu.exemplar_sgd_step_(params, grads, bufs, 0.1, 0.9, wd, -1.0, 1.0, max_grid=3,
+                           misalign=case == "misaligned")
+    for a, b in zip(params + bufs, want_p + want_b):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
