@@ -115,6 +115,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny CPU sanity run")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True   # as the trainer (train.cudnn_benchmark)
     if a.quick or device.type == "cpu":
         a.steps, a.warmup, a.workers = 3, 1, 0
     images, labels, mean, std, source = _load(a.root, a.classes)

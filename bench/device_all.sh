@@ -17,6 +17,7 @@ OUT=$(cd "$OUT" && pwd)
 WORK=/tmp/mf_device_part$PART
 rm -rf "$WORK"; mkdir -p "$WORK"
 export PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # bench/*.py import the package from the checkout
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 if ! "$PY" -c "import pytest" > /dev/null 2>&1 && [ -d build/pylibs ]; then
   export PYTHONPATH="$PWD/build/pylibs${PYTHONPATH:+:$PYTHONPATH}"

@@ -67,7 +67,11 @@ section_test_cpu() {
 }
 
 section_test_cuda() {
-  "$PY" -m pytest -q -p no:cacheprovider --maxfail=25 -rf --durations=10 tests/test_ops_cuda.py \
+  # With pytest-xdist (the GPU image has it) a test that crashes the interpreter (seen: a segfault on 2026-11-26)
+  # only loses its worker: the run goes on and the report names the crashed test. -rfE lists every failure.
+  local xdist=()
+  "$PY" -c "import xdist" > /dev/null 2>&1 && xdist=(-n 2)
+  "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" -rfE --durations=10 tests/test_ops_cuda.py \
     --junitxml="$OUT/junit_test_cuda.xml"
 }
 

@@ -83,6 +83,7 @@ class TrainConfig:
     eval_batch_size: int = 512
     amp: bool = True               # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True     # CUDA only
+    cudnn_benchmark: bool = True   # CUDA only: let cuDNN pick the fastest conv algorithms (shapes are fixed)
     phase0_epochs: int = -1        # -1: same as `epochs`
 
 

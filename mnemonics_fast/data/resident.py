@@ -46,7 +46,8 @@ class ResidentTrainLoader:
 
     def __init__(self, images: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor,
                  extra: tuple[torch.Tensor, torch.Tensor] | None, batch_size: int, device: torch.device,
-                 rank: int = 0, world: int = 1, seed: int = 0, augment: bool = True, pad: int = 4):
+                 rank: int = 0, world: int = 1, seed: int = 0, augment: bool = True, pad: int = 4,
+                 drop_last: bool = False):
         self.images, self.device = images, device
         self.indices = indices.to(device)
         self.labels = labels.to(device)
@@ -60,7 +61,7 @@ class ResidentTrainLoader:
         self.epoch = 0
         # Drop a last global batch too small to give every rank >= 2 samples (BatchNorm needs > 1 per rank).
         full, rest = divmod(self.n, batch_size)
-        self.steps = full + (1 if rest >= 2 * world else 0)
+        self.steps = full + (1 if rest >= 2 * world and not (drop_last and full > 0) else 0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -66,5 +66,7 @@ class ExemplarMemory:
         return {"ranking": dict(self.ranking), "pixels": {c: p.cpu() for c, p in self.pixels.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.ranking = {int(c): r for c, r in state["ranking"].items()}
-        self.pixels = {int(c): p for c, p in state["pixels"].items()}
+        # Rankings index CPU label tensors and pixels are staged per phase: both live on the CPU, whatever the
+        # checkpoint's map_location was.
+        self.ranking = {int(c): r.cpu() for c, r in state["ranking"].items()}
+        self.pixels = {int(c): p.cpu() for c, p in state["pixels"].items()}

@@ -62,6 +62,8 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -526,7 +528,9 @@ class Trainer:
             return 0
         last = done[-1]
         try:
-            state = torch.load(last, map_location=self.device, weights_only=False)
+            # CPU first: the memory's rankings must stay CPU index tensors (they index CPU label tensors); the
+            # model and class means are moved to the device below.
+            state = torch.load(last, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - a corrupt file must name itself
             raise ConfigError(f"run.resume=auto: checkpoint {last} cannot be read ({type(e).__name__}: {e}); delete it "
                               f"to resume from the phase before, or set run.resume=never") from None

@@ -49,7 +49,7 @@ def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> Non
     if trainer.ds.resident:
         qloader = ResidentTrainLoader(trainer.x_train, new_idx, q_labels, None, cfg.query_batch_size, trainer.device,
                                       trainer.dist.rank, trainer.dist.world, seed + 3,
-                                      pad=trainer.cfg.data.crop_padding)
+                                      pad=trainer.cfg.data.crop_padding, drop_last=True)  # fixed shape: CUDA graph
     else:
         qloader = trainer._train_loader(new_idx, q_labels, None, seed + 3, cfg.query_batch_size)
     new_px = optimise_exemplars(model, pixels, labels, _cycle(qloader), outer_steps=cfg.outer_steps, lr=cfg.lr,
