@@ -23,11 +23,18 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator | Non
 
     Zero padding in [0, 1] pixel space is black, as torchvision's RandomCrop(padding=4) on the raw image.
     """
+    b = x.shape[0]
+    off = torch.randint(0, 2 * pad + 1, (2, b), generator=generator, device="cpu").to(x.device)
+    flip = (torch.rand(b, generator=generator, device="cpu") < 0.5).to(x.device)
+    return crop_flip(x, pad, off, flip)
+
+
+def crop_flip(x: torch.Tensor, pad: int, off: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Crop at offsets off[0] (rows), off[1] (cols) in [0, 2*pad] of the zero-padded images, then flip where `flip`.
+    Two gathers, no per-sample Python loop."""
     b, c, s, _ = x.shape
     dev = x.device
     xp = F.pad(x, (pad, pad, pad, pad))
-    off = torch.randint(0, 2 * pad + 1, (2, b), generator=generator, device="cpu").to(dev)
-    flip = (torch.rand(b, generator=generator, device="cpu") < 0.5).to(dev)
     ar = torch.arange(s, device=dev)
     rows = (off[0][:, None] + ar)[:, None, :, None].expand(b, c, s, s + 2 * pad)
     xp = xp.gather(2, rows)
@@ -69,24 +76,41 @@ class ResidentTrainLoader:
     def __len__(self) -> int:
         return self.steps
 
-    def _gather(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        real = pos < self.n_real
-        if self.extra is None or bool(real.all()):
-            p = pos
-            return self.images[self.indices[p]].float().div_(255), self.labels[p]
-        pr, pe = pos[real], pos[~real] - self.n_real
-        x = torch.cat([self.images[self.indices[pr]].float().div_(255), self.extra[0][pe].float()])
-        y = torch.cat([self.labels[pr], self.extra[1][pe]])
-        return x, y
-
-    def __iter__(self):
+    def _epoch_plan(self):
+        """Everything random about one epoch, drawn on the CPU (so CPU and GPU runs draw the same numbers) and sent
+        to the device in one copy: this rank's sample order, with each step's real images first and exemplar pixels
+        after (order inside a batch is irrelevant to SGD), the per-step split counts, crop offsets and flips. The loop
+        then only slices device tensors with Python ints: no step waits on the GPU."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g).to(self.device)
+        perm = torch.randperm(self.n, generator=g)
+        order, counts = [], []
         for s in range(self.steps):
             pos = perm[s * self.batch_size:(s + 1) * self.batch_size][self.rank::self.world]
-            x, y = self._gather(pos)
+            real = pos[pos < self.n_real]
+            order += [real, pos[pos >= self.n_real]]
+            counts.append((len(real), len(pos)))
+        order = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
+        off = torch.randint(0, 2 * self.pad + 1, (2, len(order)), generator=g)
+        flip = torch.rand(len(order), generator=g) < 0.5
+        dev = lambda t: t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
+            else t  # noqa: E731
+        return dev(order), dev(off), dev(flip), counts
+
+    def __iter__(self):
+        order, off, flip, counts = self._epoch_plan()
+        start = 0
+        for n_real, n in counts:
+            sl = slice(start, start + n)
+            real = order[start:start + n_real]
+            x = self.images[self.indices[real]].float().div_(255)
+            y = self.labels[real]
+            if n > n_real:
+                extra = order[start + n_real:start + n] - self.n_real
+                x = torch.cat([x, self.extra[0][extra].float()])
+                y = torch.cat([y, self.extra[1][extra]])
             if self.augment:
-                x = random_crop_flip(x, self.pad, g)
+                x = crop_flip(x, self.pad, off[:, sl], flip[sl])
+            start += n
             yield x, y
 
 

@@ -30,14 +30,16 @@ def margin_ranking_loss(cos: torch.Tensor, targets: torch.Tensor, num_old: int, 
     cos: [B, C] with classes 0..num_old-1 old and num_old..C-1 new.
     """
     num_new = cos.shape[1] - num_old
-    old = targets < num_old
-    if num_old <= 0 or num_new <= 0 or not bool(old.any()):
+    if num_old <= 0 or num_new <= 0:
         return cos.sum() * 0.0  # keeps the graph (DDP) and is exactly 0
     k = min(k, num_new)
-    c = cos[old].float()
-    gt = c.gather(1, targets[old][:, None])                         # [n, 1]
-    hard = c[:, num_old:].topk(k, dim=1).values                      # [n, k]
-    return F.relu(margin - (gt - hard)).mean()
+    # Masked rather than indexed (cos[old]) so that no step waits on the GPU to count the old-class samples.
+    c = cos.float()
+    old = (targets < num_old).float()[:, None]                      # [B, 1]
+    gt = c.gather(1, targets[:, None])                               # [B, 1]
+    hard = c[:, num_old:].topk(k, dim=1).values                      # [B, k]
+    pairs = old.sum() * k
+    return (F.relu(margin - (gt - hard)) * old).sum() / pairs.clamp_min(1.0)
 
 
 class LUCIR(Method):
