@@ -25,7 +25,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from .imagenet import (ExtraSampler, _check_extra, eval_plan, eval_steps, split_batch, train_plan, train_steps)
+from .imagenet import PlannedTrainLoader, eval_plan, eval_steps, split_batch
 
 try:  # optional dependency: everything below checks `_DALI_ERROR` before touching DALI
     import nvidia.dali as _dali
@@ -156,7 +156,7 @@ class _DaliFileRunner:
         self.pipe = None  # frees DALI's buffers (nvJPEG preallocations) once the last reference goes
 
 
-class DaliTrainLoader:
+class DaliTrainLoader(PlannedTrainLoader):
     """Training batches (x float32 [b,3,S,S] in [0,1] on `device`, y int64 [b]) for this rank, b = batch_size//world.
 
     Files and the exemplar pixels `extra` are shuffled jointly per epoch (see `imagenet.train_plan`); the file part of
@@ -169,27 +169,9 @@ class DaliTrainLoader:
                  rank: int, world: int, seed: int, image_size: int = 224, num_workers: int = 4,
                  extra_augment: str = "crop_flip", prefetch: int = 2):
         _require_dali()
-        if len(files) != len(labels):
-            raise ValueError(f"{len(files)} files but {len(labels)} labels")
-        self.device = torch.device(device)
-        self.num_files = len(files)
-        self.labels = labels.long().to(self.device)
-        extra = _check_extra(extra, image_size)
-        self.extra = None if extra is None else ExtraSampler(extra, image_size, self.device, seed, rank, extra_augment)
-        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
-        self.epoch = 0
+        self._init_plan(files, labels, extra, batch_size, device, rank, world, seed, image_size, extra_augment)
         self.runner = _DaliFileRunner(files, True, batch_size // world, self.device, rank, seed, image_size, 0,
                                       num_workers, prefetch)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return train_steps(self.num_files, len(self.extra) if self.extra else 0, self.batch_size, self.world)
-
-    def plan(self) -> list[np.ndarray]:
-        return train_plan(self.num_files, len(self.extra) if self.extra else 0, self.batch_size, self.rank,
-                          self.world, self.seed, self.epoch)
 
     def __iter__(self):
         parts = [split_batch(b, self.num_files) for b in self.plan()]

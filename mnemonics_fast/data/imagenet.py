@@ -507,3 +507,30 @@ def make_eval_loader(kind: str, files, labels, batch_size, device, rank, world, 
         from .torchvision_loader import TorchvisionEvalLoader as cls
     return cls(files, labels, batch_size, device, rank, world, image_size=image_size, resize=resize,
                num_workers=num_workers, **kwargs)
+
+
+class PlannedTrainLoader:
+    """What the DALI and torchvision training loaders share: the (seed, epoch) plan over files + exemplar rows, the
+    step count, and the exemplar sampler. Subclasses decode the file part of each planned batch."""
+
+    def _init_plan(self, files, labels: torch.Tensor, extra, batch_size: int, device, rank: int, world: int,
+                   seed: int, image_size: int, extra_augment: str) -> None:
+        if len(files) != len(labels):
+            raise ValueError(f"{len(files)} files but {len(labels)} labels")
+        self.device = torch.device(device)
+        self.num_files = len(files)
+        self.labels = labels.long().to(self.device)
+        extra = _check_extra(extra, image_size)
+        self.extra = None if extra is None else ExtraSampler(extra, image_size, self.device, seed, rank, extra_augment)
+        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return train_steps(self.num_files, len(self.extra) if self.extra else 0, self.batch_size, self.world)
+
+    def plan(self) -> list[np.ndarray]:
+        return train_plan(self.num_files, len(self.extra) if self.extra else 0, self.batch_size, self.rank,
+                          self.world, self.seed, self.epoch)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .imagenet import ExtraSampler, _check_extra, eval_plan, eval_steps, split_batch, train_plan, train_steps
+from .imagenet import PlannedTrainLoader, eval_plan, eval_steps, split_batch
 
 
 def _open_rgb(path: str):
@@ -116,34 +116,16 @@ def _to_device_float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device, non_blocking=True).float().div_(255.0)
 
 
-class TorchvisionTrainLoader:
+class TorchvisionTrainLoader(PlannedTrainLoader):
     """Same interface and batches as `dali.DaliTrainLoader`: (x float32 [b,3,S,S] in [0,1], y int64 [b]) on device."""
 
     def __init__(self, files: list[str], labels: torch.Tensor, extra, batch_size: int, device: torch.device,
                  rank: int, world: int, seed: int, image_size: int = 224, num_workers: int = 4,
                  extra_augment: str = "crop_flip"):
-        if len(files) != len(labels):
-            raise ValueError(f"{len(files)} files but {len(labels)} labels")
-        self.device = torch.device(device)
-        self.num_files = len(files)
-        self.labels = labels.long().to(self.device)
-        extra = _check_extra(extra, image_size)
-        self.extra = None if extra is None else ExtraSampler(extra, image_size, self.device, seed, rank, extra_augment)
-        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
-        self.epoch = 0
+        self._init_plan(files, labels, extra, batch_size, device, rank, world, seed, image_size, extra_augment)
         self._sampler = _PlanSampler()
         self._loader = _make_loader(_TrainFiles(files, image_size, seed, rank), self._sampler, num_workers,
                                     self.device, seed)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return train_steps(self.num_files, len(self.extra) if self.extra else 0, self.batch_size, self.world)
-
-    def plan(self) -> list[np.ndarray]:
-        return train_plan(self.num_files, len(self.extra) if self.extra else 0, self.batch_size, self.rank,
-                          self.world, self.seed, self.epoch)
 
     def __iter__(self):
         parts = [split_batch(b, self.num_files) for b in self.plan()]
