@@ -96,6 +96,7 @@ class Trainer:
         counts = torch.bincount(ds.train.labels, minlength=ds.num_classes)   # per ORIGINAL class id
         self.log(f"mnemonics_fast {__version__} | torch {torch.__version__} | python {platform.python_version()} | "
                  f"device {self.device} | world {self.dist.world}")
+        self.log(f"ops: {self._ops_line()}")
         self.log(f"data: {ds.name}, {ds.num_classes} classes, {len(ds.train)} train / {len(ds.test)} test images "
                  f"of {ds.image_size}x{ds.image_size}, loader {'resident' if ds.resident else self.file_loader_kind}")
         self.log(f"protocol: class order seed {cfg.protocol.class_order_seed} (first: {self.order[:10]}), "
@@ -107,6 +108,17 @@ class Trainer:
         if mem.kind == "growing" and small:
             self.log(f"note: {len(small)} classes have fewer training images than memory.per_class={mem.per_class}; "
                      f"they keep all their images as exemplars (e.g. class {ds.class_names[small[0]]})")
+
+    def _ops_line(self) -> str:
+        """Which path the custom ops take on this run's device: said once, never a silent slowdown."""
+        from .. import ops
+        info = ops.backend_info()
+        kind = self.device.type
+        paths = ", ".join(f"{name} {where.get(kind, '?')}" for name, where in info.get("ops", {}).items())
+        if kind == "cuda" and not info.get("kernels_available"):
+            why = "MNEMONICS_FAST_FORCE_REFERENCE=1" if info.get("force_reference") else info.get("reason_unavailable")
+            return f"plain-PyTorch reference ({why}); {paths}"
+        return paths
 
     def _choose_file_loader(self) -> str:
         kind = self.cfg.data.loader
