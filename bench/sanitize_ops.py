@@ -42,6 +42,25 @@ def cosine_cases(dtypes):
     ops.set_cosine_linear_path("auto")
 
 
+def bad_input_cases():
+    """Every bad input must fail in the host checks, before any pointer reaches a kernel: under memcheck a kernel
+    launched on a host pointer (e.g. a CPU sigma) or a wrong shape would be reported here."""
+    x, w, s = torch.randn(4, 8, device="cuda"), torch.randn(3, 8, device="cuda"), torch.tensor(1.0, device="cuda")
+    g = torch.randn(4, 3, device="cuda")
+    fwd = torch.ops.mnemonics_fast.cosine_linear.default
+    bwd = torch.ops.mnemonics_fast.cosine_linear_backward.default
+    cases = [lambda: fwd(x, w.half(), s), lambda: fwd(x, torch.randn(3, 9, device="cuda"), s),
+             lambda: fwd(x, w, torch.tensor(1.0)), lambda: fwd(x, w, s.reshape(1)),
+             lambda: bwd(g, g, x, w, torch.tensor(1.0)), lambda: bwd(g.t(), g, x, w, s)]
+    for i, case in enumerate(cases):
+        try:
+            case()
+        except RuntimeError:
+            continue
+        raise AssertionError(f"bad input case {i} did not raise")
+    torch.cuda.synchronize()
+
+
 def sgd_cases():
     def lists(shapes, misalign=False):
         def make(shape):
@@ -77,6 +96,7 @@ def main() -> int:
     if args.tool != "racecheck":
         dtypes.append(torch.float16)
     cosine_cases(dtypes)
+    bad_input_cases()
     sgd_cases()
     torch.cuda.synchronize()
     print("sanitize_ops: all launch paths ran")

@@ -61,6 +61,9 @@ int scalar_kind(c10::ScalarType t) {
 }
 
 // ---- host side -----------------------------------------------------------------------------------------------------
+// Every check here reads only tensor metadata (dim, sizes, device, dtype), never data, and all of them run before
+// anything else in the entry points: a bad input (e.g. a CPU 0-dim sigma next to CUDA x/weight, which the dispatcher
+// routes here) fails with a readable error before any pointer is taken or any kernel is launched.
 void check_cosine_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& sigma) {
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [B, D], got shape ", x.sizes());
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), op, ": weight must be [C, D] with D = x.size(1) = ",
@@ -204,7 +207,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_linear_backward_cuda(const
   TORCH_CHECK(out_in.dim() == 2 && out_in.size(0) == B && out_in.size(1) == C,
               "cosine_linear_backward: out must be [B, C] = [", B, ", ", C, "], got ", out_in.sizes());
   TORCH_CHECK(grad_out.device() == x_in.device() && out_in.device() == x_in.device(),
-              "cosine_linear_backward: grad_out and out must be on ", x_in.device());
+              "cosine_linear_backward: grad_out and out must be on ", x_in.device(), ", got ", grad_out.device(),
+              " and ", out_in.device());
+  TORCH_CHECK(at::isFloatingType(grad_out.scalar_type()) && at::isFloatingType(out_in.scalar_type()),
+              "cosine_linear_backward: grad_out and out must be floating-point, got ", grad_out.scalar_type(), " and ",
+              out_in.scalar_type());
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto t = x_in.scalar_type();
   const at::Tensor x = x_in.contiguous();

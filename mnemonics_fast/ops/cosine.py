@@ -46,7 +46,11 @@ def _check_inputs(x, weight, sigma):
                  lambda: f"cosine_linear: weight must be [C, D] with D = {x.shape[1]}, got {tuple(weight.shape)}")
     torch._check(sigma.dim() == 0, lambda: f"cosine_linear: sigma must be 0-dim, got shape {tuple(sigma.shape)}")
     torch._check(x.dtype == weight.dtype,
-                 lambda: f"cosine_linear: x and weight dtypes differ ({x.dtype}, {weight.dtype})")
+                 lambda: f"cosine_linear: x and weight must have the same dtype, got {x.dtype} and {weight.dtype}")
+    # The CUDA kernels take all three from one device (csrc/cosine_linear.cu checks the same before touching data).
+    torch._check(weight.device == x.device and sigma.device == x.device,
+                 lambda: f"cosine_linear: x, weight and sigma must be on one device, got {x.device}, {weight.device}, "
+                         f"{sigma.device}")
 
 
 @torch.library.register_fake("mnemonics_fast::cosine_linear")
