@@ -63,6 +63,7 @@ def main():
     ap.add_argument("--lrs", default="0.3,3,30", help="beta1 grid (pixel space)")
     ap.add_argument("--inner-lrs", default="0.01,0.1", help="alpha grid")
     ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep (e.g. a CPU sweep)")
     ap.add_argument("--best", default=None, help="lr,inner_lr to use without a sweep")
     ap.add_argument("--extra", nargs="*", default=[], help="extra overrides for every mnemonics run")
     a = ap.parse_args()
@@ -71,7 +72,7 @@ def main():
     log_dir.mkdir(parents=True, exist_ok=True)
     Path(a.runs).mkdir(parents=True, exist_ok=True)
     result = {"bench": "tin100_experiments", "card": torch.cuda.get_device_name() if torch.cuda.is_available()
-              else "cpu", "torch": torch.__version__, "epochs_per_phase": a.epochs,
+              else f"cpu ({os.cpu_count()} cores)", "torch": torch.__version__, "epochs_per_phase": a.epochs,
               "schedule": f"{a.epochs} epochs per phase, lr 0.1 x0.1 at {a.epochs // 2} and {a.epochs * 3 // 4}",
               "protocol": "tin100a-32, B50 + 10 phases of 5, growing memory 20/class, LUCIR, ResNet-32",
               "seed": a.seed}
@@ -105,7 +106,13 @@ def main():
         if best:
             lr, al = best["name"].removeprefix("sweep_lr").split("_alpha")
             a.best = f"{lr},{al}"
-    lr, al = (a.best or "3,0.01").split(",")
+    lr, al = (a.best or "1,0.01").split(",")
+    if a.sweep_only:
+        result["total_s"] = time.time() - t_start
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {a.out} (sweep only) in {result['total_s']:.0f} s")
+        return
 
     # ---------------------------------------------------------------- 2. random vs herding vs mnemonics
     procs = {

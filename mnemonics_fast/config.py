@@ -95,9 +95,9 @@ class MnemonicsConfig:
     inner_lr: float = 0.01         # alpha: inner SGD step on the exemplars
     inner_steps: int = 1           # T: unrolled inner steps
     outer_steps: int = 50          # K: exemplar updates per phase (new classes)
-    lr: float = 10.0               # beta1: exemplar lr in [0, 1] pixel space (normalised-space equivalent: beta/std^2,
-                                   # docs/mnemonics.md); exemplar gradients are tiny, hence the large value
-    old_lr: float = 5.0            # beta2: exemplar lr for the old-class A/B adjustment
+    lr: float = 1.0                # beta1: exemplar lr in [0, 1] pixel space (normalised-space equivalent: beta/std^2,
+                                   # docs/mnemonics.md). Provisional: bench/results/mnemonics_sweep_cpu.json
+    old_lr: float = 0.5            # beta2: exemplar lr for the old-class A/B adjustment
     momentum: float = 0.9
     adjust_old: bool = True        # SPEC §5 (c)
     old_outer_steps: int = 20      # K for each A/B direction
