@@ -3,7 +3,8 @@ with a schedule shortened to fit a short GPU slot (every phase `--epochs` epochs
 instead of 160 with steps at 80/120):
 
 1. sweep: the mnemonics exemplar-level hyperparameters (beta1 = mnemonics.lr, alpha = mnemonics.inner_lr) on the
-   first `--sweep-phases` incremental phases, all starting from one shared phase-0 checkpoint (herding exemplars),
+   first `--sweep-phases` incremental phases, all branched (run.branch_from) from one shared phase-0 model: phase 0's
+   exemplar level (herding selection, then mnemonics on the 50 base classes) is redone in every run,
    scored by the average CNN accuracy over those phases on the set's val split (development data only);
 2. compare: LUCIR with random, herding and mnemonics exemplars (the sweep's best setting), full 10-phase runs;
 3. project the wall time of the full 160-epoch schedule from each phase's measured per-epoch training time.
@@ -19,7 +20,6 @@ import argparse
 import itertools
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -88,8 +88,8 @@ def main():
         for name, ov in [("sweep_herding", [stop])] + [
                 (f"sweep_lr{lr:g}_alpha{al:g}", [stop, *mn, f"mnemonics.lr={lr}", f"mnemonics.inner_lr={al}"])
                 for lr, al in grid]:
-            shutil.copytree(Path(a.runs) / base, Path(a.runs) / name, dirs_exist_ok=True)
-            procs[name] = launch(name, ov, a, log_dir)
+            # branch: phase 0's model level is shared, its exemplar level is redone under each setting
+            procs[name] = launch(name, [*ov, f"run.branch_from={Path(a.runs) / base}"], a, log_dir)
         rcs = wait_all(procs)
         rows = []
         for name, rc in rcs.items():

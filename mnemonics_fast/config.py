@@ -119,6 +119,10 @@ class RunConfig:
     progress: bool = True          # tqdm bars
     deterministic: bool = False
     checkpoint_every: int = 10     # epochs between mid-phase checkpoints (0: only at phase ends)
+    # Start from another run's phase-0 checkpoint: its trained base model is taken as is and phase 0's exemplar level
+    # (selection, mnemonics), class means and evaluation are redone under this config. For exemplar-strategy sweeps
+    # and ablations from one base model, as the paper's are; data/protocol/model/method/train must match it.
+    branch_from: str = ""
 
 
 @dataclass

@@ -173,3 +173,61 @@ def test_atomic_write_text_replaces_whole_file(tmp_path):
     atomic_write_text(p, "a" * 1000)
     atomic_write_text(p, "b")
     assert p.read_text() == "b"
+
+
+# ------------------------------------------------------------------ a resume never mixes two experiments
+def test_resume_refuses_a_different_mnemonics_or_train_section(tmp_path):
+    """A herding run's checkpoints resumed under a mnemonics config would skip mnemonics on every finished phase."""
+    from mnemonics_fast.config import ConfigError
+    run_trainer(tiny_config(tmp_path, name="run", **{"run.stop_after_phase": 0, "train.epochs": 1}))
+    with pytest.raises(ConfigError, match=r"'mnemonics' section \(mnemonics\.enabled\)"):
+        run_trainer(tiny_config(tmp_path, name="run", **{"train.epochs": 1, "mnemonics.enabled": True}))
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        run_trainer(tiny_config(tmp_path, name="run", **{"train.epochs": 2}))
+    # speed-only fields may change across a resume
+    resumed = run_trainer(tiny_config(tmp_path, name="run", **{"train.epochs": 1, "train.eval_batch_size": 7,
+                                                               "run.stop_after_phase": 1}))
+    assert "phase 0 complete" in resumed.stdout
+
+
+# ------------------------------------------------------------------ branching from a shared phase-0 model
+MN = {"mnemonics.enabled": True, "mnemonics.outer_steps": 2, "mnemonics.old_outer_steps": 1,
+      "mnemonics.query_batch_size": 8, "train.epochs": 1, "train.milestones": [1]}
+
+
+def test_branch_from_phase0_equals_a_straight_run(tmp_path):
+    """A mnemonics run branched from a herding run's phase-0 checkpoint ends exactly like a mnemonics run trained
+    from scratch: the model level is shared, the exemplar level of phase 0 is redone (not skipped)."""
+    base = run_trainer(tiny_config(tmp_path, name="base", **{"run.stop_after_phase": 0, "train.epochs": 1,
+                                                             "train.milestones": [1]}))
+    straight = run_trainer(tiny_config(tmp_path, name="straight", **MN))
+    branched = run_trainer(tiny_config(tmp_path, name="branched", **MN, **{"run.branch_from": str(base.run_dir)}))
+    assert "branched from" in branched.stdout and "redoing its exemplar level" in branched.stdout
+    assert branched.stdout.count("mnemonics (b)") == 3          # phase 0's exemplar level ran, then phases 1 and 2
+    for key in ("top1", "acc_matrix"):
+        assert branched.summary[key] == straight.summary[key], key
+    a = torch.load(branched.run_dir / "checkpoints" / "phase_002.pt", weights_only=False)
+    b = torch.load(straight.run_dir / "checkpoints" / "phase_002.pt", weights_only=False)
+    for k, v in b["model"].items():
+        assert torch.equal(a["model"][k], v), k
+    assert a["memory"]["pixels"].keys() == b["memory"]["pixels"].keys() and len(b["memory"]["pixels"]) == 6
+    for c, px in b["memory"]["pixels"].items():
+        assert torch.equal(a["memory"]["pixels"][c], px), c
+    # the branch's phase 0 exemplars differ from the herding base's real images (mnemonics did run on them)
+    assert base.trainer.memory.pixels == {}
+    # the branched run resumes like any other
+    again = run_trainer(tiny_config(tmp_path, name="branched", **MN, **{"run.branch_from": str(base.run_dir)}))
+    assert "phase 2 complete" in again.stdout and again.summary["top1"] == straight.summary["top1"]
+
+
+def test_branch_from_refuses_a_different_model_level(tmp_path):
+    from mnemonics_fast.config import ConfigError
+    base = run_trainer(tiny_config(tmp_path, name="base", **{"run.stop_after_phase": 1, "train.epochs": 1,
+                                                             "train.milestones": [1]}))
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        run_trainer(tiny_config(tmp_path, name="b1", **MN, **{"train.lr": 0.2, "run.branch_from": str(base.run_dir)}))
+    with pytest.raises(ConfigError, match="phase-1 checkpoint"):
+        run_trainer(tiny_config(tmp_path, name="b2", **MN, **{
+            "run.branch_from": str(base.run_dir / "checkpoints" / "phase_001.pt")}))
+    with pytest.raises(ConfigError, match="not a file"):
+        run_trainer(tiny_config(tmp_path, name="b3", **MN, **{"run.branch_from": str(tmp_path / "nope.pt")}))

@@ -219,6 +219,10 @@ class Trainer:
     def run(self) -> dict:
         self.setup()
         start = self._resume()
+        if start == 0 and self.cfg.run.branch_from:
+            start = self._branch()
+            if self.cfg.run.stop_after_phase == 0:
+                start = len(self.phases)
         for phase in range(start, len(self.phases)):
             self.run_phase(phase)
             if self.cfg.run.stop_after_phase == phase:
@@ -278,7 +282,14 @@ class Trainer:
                                  partial=partial)
         if cfg.method.class_balanced_finetune and phase > 0:
             self.class_balanced_finetune(model, teacher, info, phase_seed)
+        self._close_phase(phase, model, info, new_idx, phase_seed, t0, stats, epochs)
+        return teacher
 
+    def _close_phase(self, phase: int, model, info: PhaseInfo, new_idx: torch.Tensor, phase_seed: int, t0: float,
+                     stats: dict, epochs: int) -> None:
+        """Everything after the model level: exemplar level, class means, evaluation, metrics, checkpoint."""
+        cfg, ph = self.cfg, self.phases
+        new = ph.new_classes(phase)
         # ---- exemplars: select for the new classes (fixed memory trims the old ones first)
         m = exemplars_per_class(cfg.memory.kind, ph.classes_up_to(phase), cfg.memory.per_class, cfg.memory.total)
         if cfg.memory.kind == "fixed":
@@ -304,7 +315,6 @@ class Trainer:
             self.runlog.scalar(f"top1/{kind}", results[kind]["top1"], phase)
         self.save_checkpoint(phase)
         self.runlog.write(self.metrics, self._run_header())
-        return teacher
 
     # ================================================================ model level
     def train_model(self, model, teacher, loader, info: PhaseInfo, epochs: int, lr: float, milestones, partial=None,
@@ -545,12 +555,10 @@ class Trainer:
         except Exception as e:  # noqa: BLE001 - a corrupt file must name itself
             raise ConfigError(f"run.resume=auto: checkpoint {last} cannot be read ({type(e).__name__}: {e}); delete it "
                               f"to resume from the phase before, or set run.resume=never") from None
-        for key in ("protocol", "data", "model", "memory", "method"):
-            if state["config"][key] != to_dict(self.cfg)[key]:
-                raise ConfigError(f"run.resume=auto: checkpoint {last} was written with a different '{key}' section; "
-                                  f"use another run.name or run.resume=never")
-        if state["class_order"] != self.order:
-            raise ConfigError(f"checkpoint {last}: class order differs from this config's")
+        # Every section that shapes the results must match: resuming a herding run under a mnemonics config (or
+        # with other epochs) would silently mix two experiments. Speed/logging-only fields may differ.
+        self._check_same(state, last, ("protocol", "data", "model", "memory", "method", "train", "mnemonics"),
+                         "run.resume=auto", "use another run.name or run.resume=never")
         self.model = build_model(self.cfg.model.arch, self.ds.mean, self.ds.std, structure=state["structure"])
         self.model.load_state_dict(state["model"])
         self.model.to(self.device)
@@ -559,6 +567,67 @@ class Trainer:
         self.metrics.load_state_dict(state["metrics"])
         self.log(f"resumed from {last} (phase {state['phase']} complete)")
         return state["phase"] + 1
+
+    # Fields that change speed or logging only: they may differ across resume and branch.
+    _RESULT_NEUTRAL = {"data": {"num_workers", "cache_dir", "loader"}, "mnemonics": {"cuda_graph", "exemplar_chunk"},
+                       "train": {"eval_batch_size", "cudnn_benchmark"}}
+
+    def _check_same(self, state: dict, path: Path, sections, what: str, hint: str) -> None:
+        mine = to_dict(self.cfg)
+        for key in sections:
+            theirs, ours = dict(state["config"].get(key, {})), dict(mine[key])
+            for k in self._RESULT_NEUTRAL.get(key, ()):
+                theirs.pop(k, None)
+                ours.pop(k, None)
+            if theirs != ours:
+                diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+                raise ConfigError(f"{what}: checkpoint {path} was written with a different '{key}' section "
+                                  f"({', '.join(f'{key}.{k}' for k in diff)}); {hint}")
+        if state["class_order"] != self.order:
+            raise ConfigError(f"{what}: checkpoint {path}: class order differs from this config's")
+
+    def _branch(self) -> int:
+        """run.branch_from: take another run's phase-0 model level as is and redo phase 0's exemplar level, class
+        means and evaluation under this config. Returns the phase to continue at."""
+        path = Path(self.cfg.run.branch_from).expanduser()
+        if path.is_dir():
+            path = path / "checkpoints" / "phase_000.pt"
+        if not path.is_file():
+            raise ConfigError(f"run.branch_from: {path} is not a file (give a phase_000.pt or its run folder)")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["phase"] != 0:
+            raise ConfigError(f"run.branch_from: {path} is a phase-{state['phase']} checkpoint; only phase 0 can be "
+                              f"branched from (later phases depend on the exemplars a branch changes)")
+        self._check_same(state, path, ("protocol", "data", "model", "method", "train"), "run.branch_from",
+                         "the base model must be the one this config would train")
+        if state["config"]["seed"] != self.cfg.seed:
+            raise ConfigError(f"run.branch_from: {path} was trained with seed {state['config']['seed']}, this run "
+                              f"has seed {self.cfg.seed}")
+        model = build_model(self.cfg.model.arch, self.ds.mean, self.ds.std, structure=state["structure"])
+        model.load_state_dict(state["model"])
+        self.model = model.to(self.device)
+        src = state["metrics"]["phases"][0]
+        self._last_opt = (_Saved(state["optimizer"]), _Saved(state["scheduler"]))
+        self.log(f"branched from {path}: phase 0 model level taken as is; redoing its exemplar level")
+        t0 = time.perf_counter() - src["train_s"]   # the phase's wall time still counts its (shared) training
+        new = self.phases.new_classes(0)
+        new_idx = torch.nonzero((self.y_train >= new.start) & (self.y_train < new.stop)).flatten()
+        phase_seed = self.cfg.seed * 1000          # as run_phase seeds phase 0
+        torch.manual_seed(phase_seed)
+        self._close_phase(0, self.model, PhaseInfo(0, new.start, len(new)), new_idx, phase_seed, t0,
+                          {"train_s": src["train_s"], "img_per_s": src["train_img_per_s"], "loss": src["final_loss"]},
+                          src["epochs"])
+        return 1
+
+
+class _Saved:
+    """A saved optimizer/scheduler state standing in for the live object in save_checkpoint."""
+
+    def __init__(self, state: dict):
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
 
 
 def run_from_config(cfg: Config, dist_info: D.DistInfo | None = None) -> dict:
