@@ -1,0 +1,100 @@
+"""Benchmark: what the autograd layer of cosine_linear costs per call, C++ (csrc/cosine_linear_autograd.cpp) vs the
+Python twin (torch.library.register_autograd), side by side in one process.
+
+    python bench/bench_cosine_autograd.py [--out bench/results/cosine_autograd_<card>.json] [--device cpu|cuda]
+
+One step = out = cosine_linear(x, w, sigma); torch.autograd.grad(out, (x, w, sigma), grad_out), called eagerly. The
+backend kernels are the same in both columns (CUDA kernels on a GPU, the plain-PyTorch reference on CPU); only the
+autograd kernel differs, so the difference is the host time the C++ autograd saves on every call. On CPU the tiny
+sizes make that host time the whole cost; on a GPU the eager call is host-bound at the cosine head's sizes (issue 4).
+The C++ column is measured first; then the Python twin is registered over it for the rest of the process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from bench_cosine_linear import environment, safe_name  # noqa: E402
+
+import mnemonics_fast.ops as ops  # noqa: E402
+from mnemonics_fast.ops import cosine  # noqa: E402
+
+SIZES = [(2, 4, 3), (128, 64, 100), (256, 512, 1000)]
+
+
+def time_step(device: str, B: int, D: int, C: int, reps: int, samples: int) -> tuple[float, str]:
+    g = torch.Generator().manual_seed(B * 7 + C)
+    x = torch.randn(B, D, generator=g).to(device).requires_grad_()
+    w = torch.randn(C, D, generator=g).to(device).requires_grad_()
+    s = torch.tensor(10.0, device=device, requires_grad=True)
+    go = torch.randn(B, C, generator=g).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step():
+        out = ops.cosine_linear(x, w, s)
+        return torch.autograd.grad(out, (x, w, s), go)
+
+    name = ops.cosine_linear(x, w, s).grad_fn.name()
+    for _ in range(20):
+        step()
+    sync()
+    per = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step()
+        sync()
+        per.append((time.perf_counter() - t0) / reps * 1e3)
+    return statistics.median(per), name
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--samples", type=int, default=15)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if not ops.kernels_available():
+        print(f"the extension is not loaded ({ops.backend_info()['reason_unavailable']}): there is no C++ autograd "
+              f"to compare; nothing measured")
+        return 0
+    torch.set_num_threads(1)
+    rows = {}
+    for B, D, C in SIZES:
+        rows[f"{B}x{D}x{C}"] = {"cpp_ms": time_step(a.device, B, D, C, a.reps, a.samples)}
+    cosine.use_python_autograd()
+    for B, D, C in SIZES:
+        rows[f"{B}x{D}x{C}"]["python_ms"] = time_step(a.device, B, D, C, a.reps, a.samples)
+    print(f"cosine_linear fwd+bwd per eager call on {a.device} ({environment()['card']}), ms (median):")
+    print(f"{'B x D x C':>16} {'C++ autograd':>14} {'Python autograd':>16} {'saved':>8} {'ratio':>7}")
+    out = {}
+    for k, r in rows.items():
+        (cpp, cname), (py, pname) = r["cpp_ms"], r["python_ms"]
+        assert "CosineLinearFunction" in cname and "CosineLinearFunction" not in pname, (cname, pname)
+        out[k] = {"cpp_autograd_ms": cpp, "python_autograd_ms": py, "saved_ms": py - cpp, "ratio": py / cpp}
+        print(f"{k:>16} {cpp:>14.4f} {py:>16.4f} {py - cpp:>8.4f} {py / cpp:>6.2f}x")
+    res = {"bench": "cosine_autograd", "device": a.device, "threads": 1, "env": environment(),
+           "backend": "CUDA kernels" if a.device == "cuda" else "plain-PyTorch reference (CPU)", "rows": out}
+    path = a.out or os.path.join(ROOT, "bench", "results",
+                                 f"cosine_autograd_{safe_name(environment()['card']).lower()}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=2)
+        f.write("\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
