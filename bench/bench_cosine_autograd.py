@@ -1,4 +1,4 @@
-"""Benchmark: what the autograd layer of cosine_linear costs per call, C++ (csrc/cosine_linear_autograd.cpp) vs the
+"""Benchmark: what the autograd layer of cosine_linear costs per call, C++ (csrc/autograd.cpp) vs the
 Python twin (torch.library.register_autograd), side by side in one process.
 
     python bench/bench_cosine_autograd.py [--out bench/results/cosine_autograd_<card>.json] [--device cpu|cuda]
@@ -45,9 +45,14 @@ def time_step(device: str, B: int, D: int, C: int, reps: int, samples: int) -> t
         return torch.autograd.grad(out, (x, w, s), go)
 
     name = ops.cosine_linear(x, w, s).grad_fn.name()
-    for _ in range(20):
+    for _ in range(5):
         step()
     sync()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        step()
+    sync()
+    reps = max(3, min(reps, int(0.1 / ((time.perf_counter() - t0) / 5))))   # about 0.1 s per sample
     per = []
     for _ in range(samples):
         t0 = time.perf_counter()

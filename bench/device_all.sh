@@ -33,6 +33,9 @@ if [ "$PART" = 1 ]; then
   stamp "build + op benchmarks on a quiet GPU"
   OUT="$WORK" SECTIONS="env build bench_cosine bench_sgd" DEADLINE=230 bash bench/device_check.sh > "$WORK/check_a.txt" 2>&1
   cp "$WORK/summary.txt" "$WORK/summary_a.txt" 2>/dev/null
+  stamp "cosine_linear autograd: C++ vs Python twin (eager host cost)"
+  timeout 40 "$PY" bench/bench_cosine_autograd.py --out "$WORK/cosine_autograd.json" > "$WORK/cosine_autograd.log" 2>&1 \
+    || echo "bench_cosine_autograd rc=$?"
   stamp "mnemonics outer step benchmark"
   timeout 130 "$PY" bench/bench_mnemonics.py --sizes 100,1000 --steps 1,5 --modes full,head --repeats 5 --warmup 2 \
     --out "$WORK/bench_mnemonics.json" > "$WORK/bench_mnemonics.log" 2>&1 || echo "bench_mnemonics rc=$?"
@@ -43,6 +46,7 @@ if [ "$PART" = 1 ]; then
   mkdir -p "$WORK/check_b"
   OUT="$WORK/check_b" SECTIONS="test_cuda sanitize" DEADLINE=200 bash bench/device_check.sh > "$WORK/check_b.txt" 2>&1
   stamp "done"
+  tail -n 6 "$WORK/cosine_autograd.log"
   tail -n 40 "$WORK/bench_mnemonics.log"
   tail -n 8 "$WORK/bench_train.log"
   cat "$WORK/summary_a.txt" 2>/dev/null | head -n 60

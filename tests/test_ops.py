@@ -175,6 +175,19 @@ def test_exemplar_sgd_step_wrapper():
         ops.exemplar_sgd_step_(params, grads[:-1], bufs, 0.1, 0.9, 0.0, 0.0, 1.0)
 
 
+def test_exemplar_sgd_step_invalidates_graphs_that_saved_the_pixels():
+    """The version bump (C++ ADInplaceOrView kernel with the extension, Python twin without) is what lets autograd
+    refuse a backward through a graph that saved exemplar pixels the step has since overwritten."""
+    bank = [torch.rand(2, 3, 4, 4, requires_grad=True) for _ in range(70)]   # > 64: the pointer-table list form
+    loss = sum((p * p).sum() for p in bank)                                   # saves every p for backward
+    before = [p._version for p in bank]
+    ops.exemplar_sgd_step_(bank, [torch.randn_like(p) for p in bank], [torch.zeros_like(p) for p in bank],
+                           0.1, 0.9, 0.0, 0.0, 1.0)
+    assert all(p._version > v for p, v in zip(bank, before))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_compile_aot_eager_fullgraph_cpu():
     x, w, s = _randn(6, 9, requires_grad=True), _randn(4, 9, requires_grad=True), _sigma(requires_grad=True)
 
@@ -251,7 +264,7 @@ def test_python_schemas_match_the_extension():
 
 
 def test_autograd_is_cpp_with_the_extension_and_python_without():
-    """One autograd kernel is live: the C++ one (csrc/cosine_linear_autograd.cpp) when the extension is loaded, the
+    """One autograd kernel is live: the C++ one (csrc/autograd.cpp) when the extension is loaded, the
     Python twin otherwise; both pass gradcheck, gradgradcheck and opcheck (the C++ one in this process when built, the
     Python one in a forced-reference interpreter)."""
     x = _randn(4, 6, requires_grad=True)

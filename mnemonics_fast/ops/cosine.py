@@ -4,7 +4,7 @@ Dispatch:
     CUDA      the fused kernels / cuBLAS path of csrc/cosine_linear.cu (reference + one warning if not built)
     CPU       reference_cosine_linear
     Meta/fake shape functions below (torch.compile, opcheck)
-    Autograd  in C++ when the extension is built (csrc/cosine_linear_autograd.cpp), else the Python twin below;
+    Autograd  in C++ when the extension is built (csrc/autograd.cpp), else the Python twin below;
               backward is the op cosine_linear_backward (CUDA kernels / reference_cosine_linear_backward on CPU).
               With create_graph=True (double backward, e.g. mnemonics' unrolled inner step) the backward runs the
               reference formula in differentiable PyTorch instead, so higher-order gradients are exact (and slower).
@@ -82,7 +82,7 @@ def _backward(ctx, grad_out):
     return _bwd(grad_out, out, x, weight, sigma)
 
 
-# With the extension the autograd kernel is C++ (csrc/cosine_linear_autograd.cpp: the same formulas without a Python
+# With the extension the autograd kernel is C++ (csrc/autograd.cpp: the same formulas without a Python
 # autograd.Function per call, which was most of an eager call's cost); without it, this Python twin.
 def use_python_autograd() -> None:
     """Register the Python autograd twin (over the C++ one when the extension is built): the A/B switch of

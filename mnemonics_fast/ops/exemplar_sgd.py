@@ -57,7 +57,11 @@ def _exemplar_sgd_step_ad_inplace_or_view(keyset, params, grads, momentum_buffer
     return _op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, params, grads, momentum_buffers, *scalars)
 
 
-ext.impl_lib.impl("exemplar_sgd_step_", _exemplar_sgd_step_ad_inplace_or_view, "ADInplaceOrView", with_keyset=True)
+# With the extension this layer is C++ (csrc/autograd.cpp): in Python it converts the three tensor lists to Python and
+# back on every call, which dominates the host cost of the list form.
+if not ext.KERNELS:
+    ext.impl_lib.impl("exemplar_sgd_step_", _exemplar_sgd_step_ad_inplace_or_view, "ADInplaceOrView",
+                      with_keyset=True)
 
 
 @torch.library.register_fake("mnemonics_fast::exemplar_sgd_step_")

@@ -1,6 +1,9 @@
-// Autograd for mnemonics_fast::cosine_linear, in C++ (registered for the Autograd key, every backend).
+// The dispatch layers above the backend kernels, in C++ (every backend):
+//   Autograd         for cosine_linear (a torch::autograd::Function)
+//   ADInplaceOrView  for exemplar_sgd_step_ (bumps the version counters of the tensors it writes)
+// Without the extension, mnemonics_fast/ops/cosine.py and exemplar_sgd.py register Python twins of both instead.
 //
-// Why C++: the Python autograd registration (torch.library.register_autograd) runs a Python autograd.Function around
+// cosine_linear. Why C++: the Python autograd registration (torch.library.register_autograd) runs a Python autograd.Function around
 // every call, and at the cosine head's sizes that Python work - not the GPU - was the cost of an eager call. Here
 // forward and backward go from the dispatcher straight to the backend kernels (the CUDA kernels, or on CPU the
 // plain-PyTorch reference registered from Python).
@@ -8,8 +11,12 @@
 // Formulas: forward saves (x, weight, sigma, out). backward, ordinary (grad mode off): the op cosine_linear_backward.
 // backward with create_graph=True (grad mode on; mnemonics' unrolled inner step differentiates through it): the same
 // formulas as mnemonics_fast/ops/reference.py::reference_cosine_linear_backward written in differentiable ATen ops, so
-// every higher-order gradient is exact. Without the extension, mnemonics_fast/ops/cosine.py registers the Python
-// equivalent of this file instead (one of the two, never both).
+// every higher-order gradient is exact.
+//
+// exemplar_sgd_step_. The kernels write through raw pointers, so something must bump the version counters of params
+// and momentum buffers (as torch.library.custom_op does for mutable ops), or autograd would not notice a graph that
+// saved them before the step. A Python kernel for this turned every call into two extra conversions of the three
+// tensor lists between C++ and Python (thousands of tensors in the list form); here it is a loop over pointers.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -99,8 +106,27 @@ at::Tensor cosine_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
   return CosineLinearFunction::apply(x, weight, sigma);
 }
 
+void exemplar_sgd_step_ad_inplace_or_view(c10::DispatchKeySet keys, at::TensorList params, at::TensorList grads,
+                                          at::TensorList momentum_buffers, double lr, double momentum,
+                                          double weight_decay, double clamp_min, double clamp_max) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mnemonics_fast::exemplar_sgd_step_", "")
+                       .typed<void(at::TensorList, at::TensorList, at::TensorList, double, double, double, double,
+                                   double)>();
+  for (const auto& t : params) t.unsafeGetTensorImpl()->bump_version();
+  for (const auto& t : momentum_buffers) t.unsafeGetTensorImpl()->bump_version();
+  at::AutoDispatchBelowADInplaceOrView below;
+  op.redispatch(keys & c10::after_ADInplaceOrView_keyset, params, grads, momentum_buffers, lr, momentum,
+                weight_decay, clamp_min, clamp_max);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mnemonics_fast, Autograd, m) { m.impl("cosine_linear", &cosine_linear_autograd); }
+
+TORCH_LIBRARY_IMPL(mnemonics_fast, ADInplaceOrView, m) {
+  m.impl("exemplar_sgd_step_", torch::dispatch(c10::DispatchKey::ADInplaceOrView,
+                                               TORCH_FN(exemplar_sgd_step_ad_inplace_or_view)));
+}
 
 }  // namespace mnemonics_fast
