@@ -39,6 +39,9 @@ if [ "$PART" = 1 ]; then
   stamp "mnemonics outer step benchmark"
   timeout 130 "$PY" bench/bench_mnemonics.py --sizes 100,1000 --steps 1,5 --modes full,head --repeats 5 --warmup 2 \
     --out "$WORK/bench_mnemonics.json" > "$WORK/bench_mnemonics.log" 2>&1 || echo "bench_mnemonics rc=$?"
+  stamp "profile of one mnemonics outer step (which kernels)"
+  timeout 60 "$PY" bench/profile_mnemonics_step.py --out "$WORK/profile_mnemonics.txt" > /dev/null 2>&1 \
+    || echo "profile_mnemonics_step rc=$?"
   stamp "training throughput benchmark"
   timeout 70 "$PY" bench/bench_train.py --root "$DATA" --steps 40 --warmup 10 --out "$WORK/bench_train.json" \
     > "$WORK/bench_train.log" 2>&1 || echo "bench_train rc=$?"
