@@ -24,7 +24,8 @@ class DataConfig:
     dataset: str = "digits"        # digits | synthetic | cifar100 | imagefolder | imagenet_subset | imagenet_subset_sorted | imagenet1k
     root: str = ""                 # dataset root; for ImageNet variants MNEMONICS_FAST_IMAGENET is used when empty
     download: bool = False         # torchvision CIFAR-100 only: fetch it when missing
-    loader: str = "auto"           # auto | resident | torchvision | dali
+    loader: str = "auto"           # auto | resident | torchvision | dali (imagefolder + dali/torchvision: the
+                                   # ImageNet file pipeline on that tree instead of the in-memory small-image path)
     image_size: int = 32           # training/eval crop (32 for CIFAR-like, 224 for ImageNet)
     crop_padding: int = 4          # small images: zero-pad then random crop (CIFAR/LUCIR: 4 on 32x32)
     resize: int = 256              # ImageNet eval resize before the centre crop

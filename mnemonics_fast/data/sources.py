@@ -220,6 +220,11 @@ def load_dataset(cfg_data, progress: bool = True) -> Dataset:
     if name == "imagefolder":
         if not cfg_data.root:
             raise DatasetError("data.root is empty: point it at an ImageFolder tree (train/<class>/*, val/<class>/*)")
+        if cfg_data.loader in ("dali", "torchvision"):
+            # The ImageNet pipeline on any tree: files decoded per batch (random-resized crop / resize + centre
+            # crop, ImageNet statistics) instead of the small-image path's decoded in-memory copy.
+            from .imagenet import load_imagenet_dataset
+            return load_imagenet_dataset(cfg_data, "imagefolder")
         return load_image_folder(cfg_data.root, cfg_data.image_size, cfg_data.cache_dir, progress)
     if name in ("imagenet_subset", "imagenet_subset_sorted", "imagenet1k"):
         from .imagenet import load_imagenet_dataset
