@@ -115,11 +115,15 @@ def main():
         return
 
     # ---------------------------------------------------------------- 2. random vs herding vs mnemonics
+    # The three share the phase-0 model when the sweep made one (same seed): a paired comparison that differs only
+    # in the exemplars, and three phase-0 trainings saved.
+    shared = Path(a.runs) / "sweep_phase0" / "checkpoints" / "phase_000.pt"
+    br = [f"run.branch_from={shared}"] if shared.is_file() else []
     procs = {
-        "lucir_random": launch("lucir_random", ["memory.selection=random"], a, log_dir),
-        "lucir_herding": launch("lucir_herding", [], a, log_dir),
-        "lucir_mnemonics": launch("lucir_mnemonics", [*mn, f"mnemonics.lr={lr}", f"mnemonics.inner_lr={al}"], a,
-                                  log_dir),
+        "lucir_random": launch("lucir_random", ["memory.selection=random", *br], a, log_dir),
+        "lucir_herding": launch("lucir_herding", [*br], a, log_dir),
+        "lucir_mnemonics": launch("lucir_mnemonics", [*mn, f"mnemonics.lr={lr}", f"mnemonics.inner_lr={al}", *br],
+                                  a, log_dir),
     }
     rcs = wait_all(procs)
     comp = {}
@@ -139,6 +143,7 @@ def main():
                   f"(projected 160-epoch: {comp[name]['projected_full_schedule_s'] / 60:.1f} min, shared GPU)",
                   flush=True)
     result["compare"] = {"mnemonics_setting": {"lr": float(lr), "inner_lr": float(al)}, "runs": comp,
+                         "shared_phase0": bool(br),
                          "note": "three runs shared one GPU concurrently; wall times include that contention"}
     result["total_s"] = time.time() - t_start
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
