@@ -28,6 +28,14 @@ def _store(trainer, bank: torch.Tensor, labels: torch.Tensor, classes) -> None:
         trainer.memory.pixels[c] = quantise_uint8(px).cpu() if uint8 else px.float().cpu()
 
 
+def _change(new: torch.Tensor, old: torch.Tensor) -> str:
+    """How far the pixels moved, also in uint8 levels: under half a level nothing survives uint8 storage, and a
+    bilevel gradient's size scales with 1/(number of exemplars in the inner loss), so one beta moves the 1000 base
+    exemplars of phase 0 far less than the 100 of a later phase (docs/mnemonics.md)."""
+    d = float((new - old).abs().mean())
+    return f"mean |change| {d:.2e} ({d * 255:.2f} uint8 levels)"
+
+
 def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> None:
     cfg = trainer.cfg.mnemonics
     num_seen = info.num_old + info.num_new
@@ -56,7 +64,7 @@ def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> Non
                                 class_means=means, **common)
     _store(trainer, new_px, labels, new)
     trainer.log(f"mnemonics (b): {len(labels)} exemplars of {len(new)} new classes, {cfg.outer_steps} outer steps, "
-                f"mean |change| {float((new_px - pixels).abs().mean()):.2e}")
+                f"{_change(new_px, pixels)}")
 
     # (c) old classes: every class split in halves A/B, each validated on the other (new classes included for balance)
     if cfg.adjust_old and info.num_old > 0 and cfg.old_outer_steps > 0:
@@ -71,4 +79,4 @@ def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> Non
                                    update_mask=lab < info.num_old, **common)
         _store(trainer, out, lab, range(info.num_old))
         trainer.log(f"mnemonics (c): adjusted {int((lab < info.num_old).sum())} old-class exemplars, "
-                    f"mean |change| {float((out - bank).abs().mean()):.2e}")
+                    f"{_change(out, bank)}")
