@@ -6,7 +6,8 @@ instead of 160 with steps at 80/120):
    first `--sweep-phases` incremental phases, all branched (run.branch_from) from one shared phase-0 model: phase 0's
    exemplar level (herding selection, then mnemonics on the 50 base classes) is redone in every run,
    scored by the average CNN accuracy over those phases on the set's val split (development data only);
-2. compare: LUCIR with random, herding and mnemonics exemplars (the sweep's best setting), full 10-phase runs;
+2. compare: LUCIR with random, herding and mnemonics exemplars (the sweep's best setting), full 10-phase runs, for
+   each of `--seeds` (the three runs of a seed branch from one phase-0 model: paired; mean +- std over seeds);
 3. project the wall time of the full 160-epoch schedule from each phase's measured per-epoch training time.
 
 Runs go in parallel as separate processes on the one GPU (each is launch-bound), so the measured wall times are
@@ -28,11 +29,11 @@ from pathlib import Path
 import torch
 
 
-def launch(name: str, overrides: list[str], a, log_dir: Path) -> subprocess.Popen:
+def launch(name: str, overrides: list[str], a, log_dir: Path, seed: int | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "mnemonics_fast.train", "--config", "tin100_10phase", f"data.root={a.root}",
            f"run.output_dir={a.runs}", f"run.name={name}", "run.progress=false", "run.tensorboard=false",
            f"train.epochs={a.epochs}", f"train.milestones=[{a.epochs // 2},{a.epochs * 3 // 4}]",
-           f"seed={a.seed}", *overrides]
+           f"seed={a.seed if seed is None else seed}", *a.overrides, *overrides]
     log = open(log_dir / f"{name}.log", "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
@@ -58,14 +59,16 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--logs", default=None, help="folder for the runs' console logs (default: next to --out)")
     ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sweep")
+    ap.add_argument("--seeds", default=None, help="seeds of the comparison, e.g. 0,1,2 (default: --seed)")
     ap.add_argument("--sweep-phases", type=int, default=3)
-    ap.add_argument("--lrs", default="0.3,3,30", help="beta1 grid (pixel space)")
-    ap.add_argument("--inner-lrs", default="0.01,0.1", help="alpha grid")
+    ap.add_argument("--lrs", default="0.3,1,3", help="beta1 grid (pixel space)")
+    ap.add_argument("--inner-lrs", default="0.01", help="alpha grid (0.1 lost on both metrics in the CPU sweep)")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep (e.g. a CPU sweep)")
     ap.add_argument("--best", default=None, help="lr,inner_lr to use without a sweep")
     ap.add_argument("--extra", nargs="*", default=[], help="extra overrides for every mnemonics run")
+    ap.add_argument("--overrides", nargs="*", default=[], help="overrides for every run (e.g. a small smoke test)")
     a = ap.parse_args()
     t_start = time.time()
     log_dir = Path(a.logs or Path(a.out).parent)
@@ -115,16 +118,27 @@ def main():
         return
 
     # ---------------------------------------------------------------- 2. random vs herding vs mnemonics
-    # The three share the phase-0 model when the sweep made one (same seed): a paired comparison that differs only
-    # in the exemplars, and three phase-0 trainings saved.
-    shared = Path(a.runs) / "sweep_phase0" / "checkpoints" / "phase_000.pt"
-    br = [f"run.branch_from={shared}"] if shared.is_file() else []
-    procs = {
-        "lucir_random": launch("lucir_random", ["memory.selection=random", *br], a, log_dir),
-        "lucir_herding": launch("lucir_herding", [*br], a, log_dir),
-        "lucir_mnemonics": launch("lucir_mnemonics", [*mn, f"mnemonics.lr={lr}", f"mnemonics.inner_lr={al}", *br],
-                                  a, log_dir),
-    }
+    # Per seed, the three share one phase-0 model (the sweep's for its seed, else one trained here): a paired
+    # comparison that differs only in the exemplars, and two phase-0 trainings saved per seed.
+    seeds = [int(x) for x in (a.seeds or str(a.seed)).split(",")]
+    bases, base_procs = {}, {}
+    for sd in seeds:
+        sweep_base = Path(a.runs) / "sweep_phase0" / "checkpoints" / "phase_000.pt"
+        if sd == a.seed and sweep_base.is_file():
+            bases[sd] = sweep_base
+        else:
+            name = f"compare_phase0_s{sd}"
+            base_procs[name] = launch(name, ["run.stop_after_phase=0"], a, log_dir, seed=sd)
+            bases[sd] = Path(a.runs) / name / "checkpoints" / "phase_000.pt"
+    wait_all(base_procs)
+    procs = {}
+    for sd in seeds:
+        br = [f"run.branch_from={bases[sd]}"] if bases[sd].is_file() else []
+        sfx = "" if len(seeds) == 1 else f"_s{sd}"
+        procs[f"lucir_random{sfx}"] = launch(f"lucir_random{sfx}", ["memory.selection=random", *br], a, log_dir, sd)
+        procs[f"lucir_herding{sfx}"] = launch(f"lucir_herding{sfx}", [*br], a, log_dir, sd)
+        procs[f"lucir_mnemonics{sfx}"] = launch(f"lucir_mnemonics{sfx}", [*mn, f"mnemonics.lr={lr}",
+                                                                         f"mnemonics.inner_lr={al}", *br], a, log_dir, sd)
     rcs = wait_all(procs)
     comp = {}
     for name, rc in rcs.items():
@@ -138,13 +152,26 @@ def main():
                 "phase_train_img_per_s": [p["train_img_per_s"] for p in m["phases"]],
                 "total_wall_s": sum(p["wall_s"] for p in m["phases"]),
                 "projected_full_schedule_s": projected_full_s(m, a.epochs)})
-            print(f"{name:>16}: avg inc acc CNN {m['avg_incremental_acc']['cnn']:.2f} NME "
+            print(f"{name:>20}: avg inc acc CNN {m['avg_incremental_acc']['cnn']:.2f} NME "
                   f"{m['avg_incremental_acc']['nme']:.2f} | {comp[name]['total_wall_s']:.0f} s "
                   f"(projected 160-epoch: {comp[name]['projected_full_schedule_s'] / 60:.1f} min, shared GPU)",
                   flush=True)
-    result["compare"] = {"mnemonics_setting": {"lr": float(lr), "inner_lr": float(al)}, "runs": comp,
-                         "shared_phase0": bool(br),
-                         "note": "three runs shared one GPU concurrently; wall times include that contention"}
+    summary = {}
+    for method in ("random", "herding", "mnemonics"):
+        for kind in ("cnn", "nme"):
+            xs = [r["avg_incremental_acc"][kind] for n, r in comp.items()
+                  if n.startswith(f"lucir_{method}") and "avg_incremental_acc" in r]
+            if xs:
+                mean = sum(xs) / len(xs)
+                std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else None
+                summary.setdefault(method, {})[kind] = {"mean": mean, "std": std, "n": len(xs)}
+    for method, k in summary.items():
+        print(f"{method:>10} over {k['cnn']['n']} seed(s): CNN {k['cnn']['mean']:.2f}"
+              + (f" +- {k['cnn']['std']:.2f}" if k['cnn']['std'] is not None else "")
+              + f"  NME {k['nme']['mean']:.2f}" + (f" +- {k['nme']['std']:.2f}" if k['nme']['std'] is not None else ""))
+    result["compare"] = {"mnemonics_setting": {"lr": float(lr), "inner_lr": float(al)}, "seeds": seeds,
+                         "runs": comp, "summary": summary, "shared_phase0_per_seed": True,
+                         "note": "all runs shared one GPU concurrently; wall times include that contention"}
     result["total_s"] = time.time() - t_start
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
