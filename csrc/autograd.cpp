@@ -3,10 +3,10 @@
 //   ADInplaceOrView  for exemplar_sgd_step_ (bumps the version counters of the tensors it writes)
 // Without the extension, mnemonics_fast/ops/cosine.py and exemplar_sgd.py register Python twins of both instead.
 //
-// cosine_linear. Why C++: the Python autograd registration (torch.library.register_autograd) runs a Python autograd.Function around
-// every call, and at the cosine head's sizes that Python work - not the GPU - was the cost of an eager call. Here
-// forward and backward go from the dispatcher straight to the backend kernels (the CUDA kernels, or on CPU the
-// plain-PyTorch reference registered from Python).
+// cosine_linear. Why C++: an eager call was host-bound on the H100 (0.23 ms against 0.025 ms inside a CUDA graph), and
+// the Python autograd registration (torch.library.register_autograd) wraps every call in a Python autograd.Function.
+// Here forward and backward go from the dispatcher straight to the backend kernels (the CUDA kernels, or on CPU the
+// plain-PyTorch reference registered from Python). bench/bench_cosine_autograd.py measures the difference.
 //
 // Formulas: forward saves (x, weight, sigma, out). backward, ordinary (grad mode off): the op cosine_linear_backward.
 // backward with create_graph=True (grad mode on; mnemonics' unrolled inner step differentiates through it): the same
