@@ -4,7 +4,6 @@ NME and evaluation, checkpoints. On a generated JPEG tree (always), and on the t
 ImageNet tree with its 32x32 images upscaled (skips when ../shared/data is absent, as in CI)."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_trainer
+from conftest import overrides, run_trainer
 from mnemonics_fast.config import load_config
 from mnemonics_fast.data.dali import dali_available
 
@@ -47,8 +46,7 @@ def _cfg(out: Path, root: Path, loader: str, **extra):
           "protocol.num_phases": 2, "memory.per_class": 3, "train.epochs": 1, "train.milestones": [1],
           "train.batch_size": 8, "train.eval_batch_size": 8, "run.output_dir": str(out), "run.name": loader,
           "run.device": "cpu", "run.progress": False, "run.tensorboard": False, "run.checkpoint_every": 0, **extra}
-    return load_config(None, [f"{k}={json.dumps(v) if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else v}"
-                              for k, v in ov.items()])
+    return load_config(None, overrides(base=ov))
 
 
 @pytest.mark.parametrize("loader", LOADERS)

@@ -235,6 +235,13 @@ class Trainer:
         D.barrier(self.dist)
         return summary
 
+    def _phase_seed(self, phase: int) -> int:
+        return self.cfg.seed * 1000 + phase   # every phase seeded on its own: resuming or branching changes nothing
+
+    def _new_class_indices(self, new: range) -> torch.Tensor:
+        """Training-set positions of the images of the classes in `new`."""
+        return torch.nonzero((self.y_train >= new.start) & (self.y_train < new.stop)).flatten()
+
     def run_phase(self, phase: int):
         cfg, ph = self.cfg, self.phases
         t0 = time.perf_counter()
@@ -242,14 +249,13 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         new = ph.new_classes(phase)
         info = PhaseInfo(phase, new.start, len(new))
-        phase_seed = cfg.seed * 1000 + phase   # every phase seeded on its own: resuming changes nothing
+        phase_seed = self._phase_seed(phase)
         torch.manual_seed(phase_seed)
         self.log(f"\n==== phase {phase}/{len(ph) - 1}: classes {new.start}..{new.stop - 1} "
                  f"({ph.classes_up_to(phase)} seen)")
 
         # ---- data of this phase: new-class images + exemplars, as index tensors
-        new_mask = (self.y_train >= new.start) & (self.y_train < new.stop)
-        new_idx = torch.nonzero(new_mask).flatten()
+        new_idx = self._new_class_indices(new)
         ex_idx, ex_lab = self.memory.index_exemplars()
         train_idx = torch.cat([new_idx, ex_idx])
         train_lab = torch.cat([self.y_train[new_idx], ex_lab])
@@ -611,8 +617,8 @@ class Trainer:
         self.log(f"branched from {path}: phase 0 model level taken as is; redoing its exemplar level")
         t0 = time.perf_counter() - src["train_s"]   # the phase's wall time still counts its (shared) training
         new = self.phases.new_classes(0)
-        new_idx = torch.nonzero((self.y_train >= new.start) & (self.y_train < new.stop)).flatten()
-        phase_seed = self.cfg.seed * 1000          # as run_phase seeds phase 0
+        new_idx = self._new_class_indices(new)
+        phase_seed = self._phase_seed(0)
         torch.manual_seed(phase_seed)
         self._close_phase(0, self.model, PhaseInfo(0, new.start, len(new)), new_idx, phase_seed, t0,
                           {"train_s": src["train_s"], "img_per_s": src["train_img_per_s"], "loss": src["final_loss"]},
