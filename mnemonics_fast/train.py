@@ -35,4 +35,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .trainer.distributed import exit_process
+    exit_process(main())   # sys.exit, or os._exit after a torch.distributed run (why: exit_process)

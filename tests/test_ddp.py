@@ -29,8 +29,13 @@ def _worker(rank: int, world: int, tmp: str, seed: int = 0) -> None:
                     "model": tr.model.state_dict(), "y_train": tr.y_train}, f"{tmp}/rank{rank}.pt")
         if tr._log_file is not None:
             tr._log_file.close()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # As the CLI does: end without the interpreter's teardown, where a gloo worker thread can abort the process
+    # after DDP (mnemonics_fast.trainer.distributed.exit_process says why).
+    from mnemonics_fast.trainer.distributed import exit_process
+    exit_process(0)
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +122,28 @@ def test_torchrun_cli(tmp_path):
     assert "world 2" in r.stdout
     metrics = json.loads((out / "trun" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and len(metrics["top1"]["nme"]) == 3
+
+
+def test_exit_process_after_distributed(tmp_path):
+    """exit_process after a gloo run with DDP: keeps the exit code, runs the atexit handlers and flushes what was
+    printed (it skips only the interpreter's C-level teardown, where torch 2.14's gloo workers can abort)."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    script = f"""
+import atexit, torch, torch.distributed as dist
+from mnemonics_fast.trainer.distributed import exit_process
+dist.init_process_group("gloo", init_method="file://{tmp_path}/rdv", rank=0, world_size=1)
+m = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+m(torch.randn(4, 3)).sum().backward()
+dist.barrier()
+atexit.register(lambda: print("atexit ran", flush=True))
+print("buffered line", end="")
+exit_process(3)
+print("not reached")
+"""
+    r = subprocess.run([sys.executable, "-c", script], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "buffered line" in r.stdout and "atexit ran" in r.stdout and "not reached" not in r.stdout
