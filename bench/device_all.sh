@@ -4,7 +4,7 @@
 #   bash bench/device_all.sh 1   # ~6 min: build, CUDA op tests + compute-sanitizer, op benchmarks, one mnemonics
 #                                #         outer step benchmark, phase-0 training throughput
 #   bash bench/device_all.sh 2   # ~5 min: tin100a-32 real-data runs (mnemonics sweep; random vs herding vs mnemonics)
-#   bash bench/device_all.sh 3   # ~8 min: the comparison for seeds 1 and 2 (BEST=beta1,alpha from part 2), for a
+#   bash bench/device_all.sh 3   # ~8 min: the comparison for seeds 1 and 2 (BEST=beta1,alpha[,lr_scale] from part 2), for a
 #                                #         later lease: parts 1 + 2 fill one 15-minute lease
 #
 # Needs the development set as .devdata/tin100a-32.tar.xz (git-ignored; copy it from ../shared/data) for part 1's
@@ -58,7 +58,7 @@ if [ "$PART" = 1 ]; then
   cat "$WORK/check_b/summary.txt" 2>/dev/null | head -n 10
   grep -E "passed|failed|error" "$WORK/check_b/test_cuda.log" | tail -n 5
 elif [ "$PART" = 3 ]; then
-  stamp "tin100a-32 comparison, more seeds (BEST=beta1,alpha from part 2)"
+  stamp "tin100a-32 comparison, more seeds (BEST=beta1,alpha[,lr_scale] from part 2)"
   timeout 560 "$PY" bench/tin100_experiments.py --root "$DATA" --runs "$WORK/runs" --out "$WORK/tin100_seeds.json" \
     --logs "$WORK/logs" --epochs "${EPOCHS:-10}" --skip-sweep --best "${BEST:-1,0.01}" --seeds "${SEEDS:-1,2}" \
     --extra mnemonics.cuda_graph=true > "$WORK/tin100_seeds.log" 2>&1 || echo "tin100 seeds rc=$?"
@@ -67,8 +67,9 @@ elif [ "$PART" = 3 ]; then
   tail -n 12 "$WORK/tin100_seeds.log"
 else
   stamp "tin100a-32 experiments"
-  timeout 420 "$PY" bench/tin100_experiments.py --root "$DATA" --runs "$WORK/runs" --out "$WORK/tin100.json" \
+  timeout 500 "$PY" bench/tin100_experiments.py --root "$DATA" --runs "$WORK/runs" --out "$WORK/tin100.json" \
     --logs "$WORK/logs" --epochs "${EPOCHS:-10}" --lrs "${LRS:-0.3,1,3}" --inner-lrs "${ALPHAS:-0.01}" \
+    --scaled-lrs "${SCALED_LRS:-0.01}" \
     --extra mnemonics.cuda_graph=true > "$WORK/tin100.log" 2>&1 || echo "tin100 rc=$?"
   stamp "done"
   rm -rf "$WORK"/runs/*/checkpoints "$WORK"/runs/*/tensorboard

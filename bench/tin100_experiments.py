@@ -52,6 +52,17 @@ def projected_full_s(m: dict, epochs: int, full_epochs: int = 160) -> float:
     return sum(p["train_s"] * full_epochs / epochs + (p["wall_s"] - p["train_s"]) for p in m["phases"])
 
 
+def _sweep_name(lr: float, alpha: float, scale: str) -> str:
+    return f"sweep_lr{lr:g}_alpha{alpha:g}" + ("" if scale == "none" else f"_{scale}")
+
+
+def _parse_sweep_name(name: str) -> tuple[str, str, str]:
+    """_sweep_name's inverse: (lr, alpha, lr_scale) as strings."""
+    lr, rest = name.removeprefix("sweep_lr").split("_alpha")
+    alpha, _, scale = rest.partition("_")
+    return lr, alpha, scale or "none"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", required=True)
@@ -64,9 +75,12 @@ def main():
     ap.add_argument("--sweep-phases", type=int, default=3)
     ap.add_argument("--lrs", default="0.3,1,3", help="beta1 grid (pixel space)")
     ap.add_argument("--inner-lrs", default="0.01", help="alpha grid (0.1 lost on both metrics in the CPU sweep)")
+    ap.add_argument("--scaled-lrs", default="0.01",
+                    help="beta1 values run with mnemonics.lr_scale=exemplars (beta per exemplar: 0.01 equals beta1 1 "
+                         "at 100 exemplars, a tin100 incremental phase), each with every alpha; '' for none")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep (e.g. a CPU sweep)")
-    ap.add_argument("--best", default=None, help="lr,inner_lr to use without a sweep")
+    ap.add_argument("--best", default=None, help="lr,inner_lr[,lr_scale] to use without a sweep")
     ap.add_argument("--extra", nargs="*", default=[], help="extra overrides for every mnemonics run")
     ap.add_argument("--overrides", nargs="*", default=[], help="overrides for every run (e.g. a small smoke test)")
     a = ap.parse_args()
@@ -85,12 +99,15 @@ def main():
     if not a.skip_sweep:
         base = "sweep_phase0"
         wait_all({base: launch(base, ["run.stop_after_phase=0"], a, log_dir)})
-        grid = list(itertools.product([float(x) for x in a.lrs.split(",")], [float(x) for x in a.inner_lrs.split(",")]))
+        alphas = [float(x) for x in a.inner_lrs.split(",")]
+        grid = list(itertools.product([float(x) for x in a.lrs.split(",")], alphas, ["none"]))
+        grid += list(itertools.product([float(x) for x in a.scaled_lrs.split(",") if x], alphas, ["exemplars"]))
         procs = {}
         stop = f"run.stop_after_phase={a.sweep_phases}"
         for name, ov in [("sweep_herding", [stop])] + [
-                (f"sweep_lr{lr:g}_alpha{al:g}", [stop, *mn, f"mnemonics.lr={lr}", f"mnemonics.inner_lr={al}"])
-                for lr, al in grid]:
+                (_sweep_name(lr, al, sc), [stop, *mn, f"mnemonics.lr={lr}", f"mnemonics.inner_lr={al}",
+                                           f"mnemonics.lr_scale={sc}"])
+                for lr, al, sc in grid]:
             # branch: phase 0's model level is shared, its exemplar level is redone under each setting
             procs[name] = launch(name, [*ov, f"run.branch_from={Path(a.runs) / base}"], a, log_dir)
         rcs = wait_all(procs)
@@ -104,12 +121,13 @@ def main():
                   flush=True)
         ok = [r for r in rows if r["name"] != "sweep_herding" and r["score_avg_cnn"] is not None]
         best = max(ok, key=lambda r: r["score_avg_cnn"]) if ok else None
-        result["sweep"] = {"phases": a.sweep_phases, "grid": {"lr": a.lrs, "inner_lr": a.inner_lrs}, "rows": rows,
-                           "best": best["name"] if best else None}
+        result["sweep"] = {"phases": a.sweep_phases, "grid": {"lr": a.lrs, "inner_lr": a.inner_lrs,
+                                                              "lr_scale=exemplars lr": a.scaled_lrs},
+                           "rows": rows, "best": best["name"] if best else None}
         if best:
-            lr, al = best["name"].removeprefix("sweep_lr").split("_alpha")
-            a.best = f"{lr},{al}"
-    lr, al = (a.best or "1,0.01").split(",")
+            a.best = ",".join(_parse_sweep_name(best["name"]))
+    lr, al, *rest = (a.best or "1,0.01").split(",")
+    scale = rest[0] if rest else "none"
     if a.sweep_only:
         result["total_s"] = time.time() - t_start
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +156,9 @@ def main():
         procs[f"lucir_random{sfx}"] = launch(f"lucir_random{sfx}", ["memory.selection=random", *br], a, log_dir, sd)
         procs[f"lucir_herding{sfx}"] = launch(f"lucir_herding{sfx}", [*br], a, log_dir, sd)
         procs[f"lucir_mnemonics{sfx}"] = launch(f"lucir_mnemonics{sfx}", [*mn, f"mnemonics.lr={lr}",
-                                                                         f"mnemonics.inner_lr={al}", *br], a, log_dir, sd)
+                                                                         f"mnemonics.inner_lr={al}",
+                                                                         f"mnemonics.lr_scale={scale}", *br],
+                                                a, log_dir, sd)
     rcs = wait_all(procs)
     comp = {}
     for name, rc in rcs.items():
@@ -169,7 +189,8 @@ def main():
         print(f"{method:>10} over {k['cnn']['n']} seed(s): CNN {k['cnn']['mean']:.2f}"
               + (f" +- {k['cnn']['std']:.2f}" if k['cnn']['std'] is not None else "")
               + f"  NME {k['nme']['mean']:.2f}" + (f" +- {k['nme']['std']:.2f}" if k['nme']['std'] is not None else ""))
-    result["compare"] = {"mnemonics_setting": {"lr": float(lr), "inner_lr": float(al)}, "seeds": seeds,
+    result["compare"] = {"mnemonics_setting": {"lr": float(lr), "inner_lr": float(al), "lr_scale": scale},
+                         "seeds": seeds,
                          "runs": comp, "summary": summary, "shared_phase0_per_seed": True,
                          "note": "all runs shared one GPU concurrently; wall times include that contention"}
     result["total_s"] = time.time() - t_start

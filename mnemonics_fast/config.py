@@ -99,6 +99,8 @@ class MnemonicsConfig:
     lr: float = 1.0                # beta1: exemplar lr in [0, 1] pixel space (normalised-space equivalent: beta/std^2,
                                    # docs/mnemonics.md). Provisional: bench/results/mnemonics_sweep_cpu.json
     old_lr: float = 0.5            # beta2: exemplar lr for the old-class A/B adjustment
+    lr_scale: str = "none"         # none (the paper) | exemplars: beta1/beta2 multiplied by the number of exemplars in
+                                   # the inner loss, so one value moves pixels alike at any memory size
     momentum: float = 0.9
     adjust_old: bool = True        # SPEC §5 (c)
     old_outer_steps: int = 20      # K for each A/B direction
@@ -152,6 +154,7 @@ CHOICES = {
     "mnemonics.mode": {"full", "head", "first_order", "proto"},
     "mnemonics.init": {"herding", "random"},
     "mnemonics.storage": {"float", "uint8"},
+    "mnemonics.lr_scale": {"none", "exemplars"},
     "run.resume": {"auto", "never"},
     "run.device": {"auto", "cpu", "cuda"},
 }
@@ -209,6 +212,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key '{key}': must be > 0")
     if cfg.protocol.num_phases < 0:
         raise ConfigError("config key 'protocol.num_phases': must be >= 0")
+    if cfg.mnemonics.lr_scale != "none" and cfg.mnemonics.mode == "proto":
+        raise ConfigError("config key 'mnemonics.lr_scale': 'exemplars' needs a bilevel mnemonics.mode (full, head, "
+                          "first_order); proto has no inner loss")
     return cfg
 
 

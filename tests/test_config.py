@@ -132,6 +132,7 @@ def test_wrong_type_names_the_dotted_key(override, key):
     ("data.dataset=mnist", "data.dataset"),
     ("run.resume=maybe", "run.resume"),
     ("mnemonics.mode=second_order", "mnemonics.mode"),
+    ("mnemonics.lr_scale=per_pixel", "mnemonics.lr_scale"),
 ])
 def test_bad_choice_names_the_key_and_choices(override, key):
     with pytest.raises(ConfigError) as e:
@@ -152,6 +153,12 @@ def test_bad_choice_names_the_key_and_choices(override, key):
 def test_out_of_range_names_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'".replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_lr_scale_needs_a_bilevel_mode():
+    assert load_config(None, ["mnemonics.lr_scale=exemplars"]).mnemonics.lr_scale == "exemplars"
+    with pytest.raises(ConfigError, match=r"'mnemonics\.lr_scale'.*proto"):
+        load_config(None, ["mnemonics.lr_scale=exemplars", "mnemonics.mode=proto"])
 
 
 def test_malformed_overrides():

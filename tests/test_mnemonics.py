@@ -191,6 +191,37 @@ def test_validation_loss_decreases():
     assert after < before
 
 
+@pytest.mark.parametrize("mode", ["full", "head"])
+def test_lr_scale_exemplars_makes_the_step_independent_of_memory_size(mode):
+    """Every exemplar stored twice leaves the inner loss (a mean) and so L_val unchanged, and halves dL_val/dE_j per
+    copy. lr_scale="none" (the paper's SGD): each copy moves half as far. lr_scale="exemplars" (lr * N): each copy
+    moves exactly as far as the single exemplar did."""
+    model = make_model()
+    ex, ey, qx, qy = make_data()
+    ex2, ey2 = torch.cat([ex, ex]), torch.cat([ey, ey])
+    kw = dict(mode=mode, inner_lr=0.5, inner_steps=1, outer_steps=1, lr=1e-3, momentum=0.0)
+    for scale, ratio in (("none", 0.5), ("exemplars", 1.0)):
+        one = optimise_exemplars(model, ex, ey, (qx, qy), lr_scale=scale, **kw) - ex
+        two = optimise_exemplars(model, ex2, ey2, (qx, qy), lr_scale=scale, **kw) - ex2
+        assert one.abs().max() > 0 and not torch.any((ex + one <= 0) | (ex + one >= 1)), "clamp must not be hit"
+        torch.testing.assert_close(two[:len(ex)], ratio * one, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(two[len(ex):], ratio * one, rtol=1e-9, atol=1e-12)
+    # the scale is N, not a constant: lr_scale="exemplars" with lr equals "none" with lr * N
+    a = optimise_exemplars(model, ex, ey, (qx, qy), lr_scale="exemplars", **kw)
+    b = optimise_exemplars(model, ex, ey, (qx, qy), lr_scale="none", **{**kw, "lr": kw["lr"] * len(ex)})
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_lr_scale_checked():
+    model = make_model(torch.float32)
+    ex, ey, qx, qy = make_data(torch.float32)
+    with pytest.raises(ValueError, match="lr_scale must be one of"):
+        ExemplarOptimiser(model, ex, ey, inner_lr=0.1, inner_steps=1, lr=1.0, lr_scale="per_pixel")
+    with pytest.raises(ValueError, match="bilevel modes"):
+        ExemplarOptimiser(model, ex, ey, mode="proto", inner_lr=0.1, inner_steps=1, lr=1.0, lr_scale="exemplars",
+                          class_means=torch.randn(NUM_OLD + NUM_NEW, 64))
+
+
 def test_pixel_sgd_step_equals_normalised_space_step():
     """Documented equivalence: pixel lr beta == normalised-space lr beta / std_c^2 (no clamp hit, no weight decay)."""
     model = make_model().eval()

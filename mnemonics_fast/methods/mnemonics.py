@@ -40,9 +40,10 @@ from torch.func import functional_call
 from .. import ops
 
 MODES = ("full", "head", "first_order", "proto")
+LR_SCALES = ("none", "exemplars")
 Batch = tuple[torch.Tensor, torch.Tensor]
 
-__all__ = ["MODES", "ExemplarOptimiser", "optimise_exemplars", "adjust_old_exemplars", "proto_loss",
+__all__ = ["MODES", "LR_SCALES", "ExemplarOptimiser", "optimise_exemplars", "adjust_old_exemplars", "proto_loss",
            "quantise_uint8", "dequantise", "init_exemplars_from_indices", "stack_class_exemplars", "split_halves"]
 
 
@@ -440,9 +441,14 @@ class ExemplarOptimiser:
                  num_classes: int | None = None, fixed_exemplars: Batch | None = None,
                  class_means: torch.Tensor | None = None, exemplar_chunk: int | None = None,
                  cuda_graph: bool = False, autocast_dtype: torch.dtype | None = None, process_group=None,
-                 debug: bool = False):
+                 lr_scale: str = "none", debug: bool = False):
         if mode not in MODES:
             raise ValueError(f"mnemonics mode must be one of {MODES}, got {mode!r}")
+        if lr_scale not in LR_SCALES:
+            raise ValueError(f"lr_scale must be one of {LR_SCALES}, got {lr_scale!r}")
+        if lr_scale != "none" and mode == "proto":
+            raise ValueError("lr_scale='exemplars' is defined for the bilevel modes (full, head, first_order), not "
+                             "proto (no inner loss to count exemplars in)")
         if exemplars.dim() != 4 or not exemplars.is_floating_point():
             raise ValueError(f"exemplars must be float [M, 3, H, W], got {exemplars.dtype} {tuple(exemplars.shape)}")
         if labels.dim() != 1 or labels.numel() != exemplars.shape[0] or labels.dtype != torch.long:
@@ -481,6 +487,11 @@ class ExemplarOptimiser:
                                  chunk=exemplar_chunk, autocast_dtype=autocast_dtype)
         self._graph: _GraphedGrad | None = None
         self._warned_shape = False
+        # lr_scale="exemplars": beta is per exemplar. dL_val/dE_j carries the inner loss's 1/N (N exemplars in its
+        # mean), so with a fixed beta a pixel's step shrinks as the memory grows (phase 0's 1000 base exemplars move
+        # 10x less than a later phase's 100). Multiplying beta by N undoes that: the same beta moves pixels alike at
+        # any memory size or phase size (docs/mnemonics.md). "none" is the paper's plain SGD on dL_val/dE.
+        self.step_lr = self.lr * (self._fn.N if lr_scale == "exemplars" else 1)
 
     def grad(self, qx: torch.Tensor, qy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         qx = qx.to(self.bank.device, non_blocking=True)
@@ -511,8 +522,8 @@ class ExemplarOptimiser:
             # (gloo has no AVG); every rank receives the same reduced bits, so the banks stay identical.
             dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=self.group)
             grad.div_(self.world)
-        ops.exemplar_sgd_step_([self.bank.detach()], [grad], [self.buf], self.lr, self.momentum, self.weight_decay,
-                               0.0, 1.0)
+        ops.exemplar_sgd_step_([self.bank.detach()], [grad], [self.buf], self.step_lr, self.momentum,
+                               self.weight_decay, 0.0, 1.0)
         return loss
 
     @property
@@ -579,7 +590,7 @@ def optimise_exemplars(model: nn.Module, exemplars: torch.Tensor, labels: torch.
                        process_group=None, progress: bool = False, fixed_exemplars: Batch | None = None,
                        class_means: torch.Tensor | None = None, exemplar_chunk: int | None = None,
                        cuda_graph: bool = False, autocast_dtype: torch.dtype | None = None,
-                       debug: bool = False) -> torch.Tensor:
+                       lr_scale: str = "none", debug: bool = False) -> torch.Tensor:
     """Mnemonics exemplar level (SPEC §5 (b)): `outer_steps` bilevel steps on the exemplar pixels; returns new pixels.
 
     model: IncrementalNet (or DDP around one; the inner module is used). Any nn.Module whose forward(x) returns the
@@ -597,6 +608,8 @@ def optimise_exemplars(model: nn.Module, exemplars: torch.Tensor, labels: torch.
       inner_lr and inner_steps are ignored). Exact definitions: docs/mnemonics.md.
     inner_lr (alpha), inner_steps (T), outer_steps (K), lr (beta, pixel units), momentum, weight_decay (pixel space:
       decays toward black, keep 0): SGD of the pixels, torch.optim.SGD semantics, then clamp to [0, 1].
+    lr_scale: "none" (the paper: SGD on dL_val/dE) or "exemplars" (bilevel modes: the step uses lr * N, N the number
+      of exemplars in the inner loss, fixed ones included, so one lr moves pixels alike at any memory size).
     num_classes: classes seen so far (default: model.head.num_classes); the range the labels are checked against and
       the number of class prototypes in proto mode.
     process_group: torch.distributed group (default: WORLD if initialised). The exemplar gradient is all-reduced
@@ -616,7 +629,7 @@ def optimise_exemplars(model: nn.Module, exemplars: torch.Tensor, labels: torch.
                            momentum=momentum, weight_decay=weight_decay, num_classes=num_classes,
                            fixed_exemplars=fixed_exemplars, class_means=class_means, exemplar_chunk=exemplar_chunk,
                            cuda_graph=cuda_graph, autocast_dtype=autocast_dtype, process_group=process_group,
-                           debug=debug) as opt:
+                           lr_scale=lr_scale, debug=debug) as opt:
         bar = None
         if progress:
             from tqdm import tqdm
@@ -658,7 +671,7 @@ def adjust_old_exemplars(model: nn.Module, bank: torch.Tensor, labels: torch.Ten
                          num_classes: int | None = None, class_means: torch.Tensor | None = None,
                          process_group=None, exemplar_chunk: int | None = None, cuda_graph: bool = False,
                          autocast_dtype: torch.dtype | None = None, progress: bool = False,
-                         debug: bool = False) -> torch.Tensor:
+                         lr_scale: str = "none", debug: bool = False) -> torch.Tensor:
     """SPEC §5 (c): adjust exemplars of earlier classes with the exemplars themselves as the validation set.
 
     bank [M, 3, H, W] / labels [M]: ALL seen classes' exemplars (the new classes' too, for balance). Every class is
@@ -698,5 +711,5 @@ def adjust_old_exemplars(model: nn.Module, bank: torch.Tensor, labels: torch.Ten
             outer_steps=outer_steps, lr=lr, momentum=momentum, weight_decay=weight_decay, num_classes=num_classes,
             process_group=group if world > 1 else None, progress=progress, fixed_exemplars=fixed,
             class_means=class_means, exemplar_chunk=exemplar_chunk, cuda_graph=cuda_graph,
-            autocast_dtype=autocast_dtype, debug=debug)
+            autocast_dtype=autocast_dtype, lr_scale=lr_scale, debug=debug)
     return out

@@ -31,7 +31,8 @@ def _store(trainer, bank: torch.Tensor, labels: torch.Tensor, classes) -> None:
 def _change(new: torch.Tensor, old: torch.Tensor) -> str:
     """How far the pixels moved, also in uint8 levels: under half a level nothing survives uint8 storage, and a
     bilevel gradient's size scales with 1/(number of exemplars in the inner loss), so one beta moves the 1000 base
-    exemplars of phase 0 far less than the 100 of a later phase (docs/mnemonics.md)."""
+    exemplars of phase 0 far less than the 100 of a later phase (docs/mnemonics.md; mnemonics.lr_scale=exemplars
+    evens that out)."""
     d = float((new - old).abs().mean())
     return f"mean |change| {d:.2e} ({d * 255:.2f} uint8 levels)"
 
@@ -44,7 +45,7 @@ def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> Non
                   num_classes=num_seen, exemplar_chunk=cfg.exemplar_chunk or None,
                   cuda_graph=cfg.cuda_graph and trainer.device.type == "cuda",
                   autocast_dtype=torch.bfloat16 if cfg.bf16 and trainer.device.type == "cuda" else None,
-                  progress=trainer.cfg.run.progress and trainer.dist.is_main)
+                  progress=trainer.cfg.run.progress and trainer.dist.is_main, lr_scale=cfg.lr_scale)
 
     # proto (the released code's surrogate) needs every seen class's mean under the CURRENT model, as that code did
     means = trainer.compute_class_means(model, num_seen) if cfg.mode == "proto" else None
