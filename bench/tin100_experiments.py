@@ -56,6 +56,13 @@ def _sweep_name(lr: float, alpha: float, scale: str) -> str:
     return f"sweep_lr{lr:g}_alpha{alpha:g}" + ("" if scale == "none" else f"_{scale}")
 
 
+def _mn_setting(lr, alpha, scale: str) -> list[str]:
+    """Overrides of one mnemonics setting. With lr_scale=exemplars beta2 (old_lr) is per exemplar too: it is set to
+    beta1 / 2, the defaults' ratio (the default old_lr 0.5 would be multiplied by ~500 exemplars)."""
+    ov = [f"mnemonics.lr={lr}", f"mnemonics.inner_lr={alpha}", f"mnemonics.lr_scale={scale}"]
+    return ov + ([f"mnemonics.old_lr={float(lr) / 2:g}"] if scale == "exemplars" else [])
+
+
 def _parse_sweep_name(name: str) -> tuple[str, str, str]:
     """_sweep_name's inverse: (lr, alpha, lr_scale) as strings."""
     lr, rest = name.removeprefix("sweep_lr").split("_alpha")
@@ -77,7 +84,8 @@ def main():
     ap.add_argument("--inner-lrs", default="0.01", help="alpha grid (0.1 lost on both metrics in the CPU sweep)")
     ap.add_argument("--scaled-lrs", default="0.01",
                     help="beta1 values run with mnemonics.lr_scale=exemplars (beta per exemplar: 0.01 equals beta1 1 "
-                         "at 100 exemplars, a tin100 incremental phase), each with every alpha; '' for none")
+                         "at 100 exemplars, a tin100 incremental phase; beta2 = beta1 / 2), each with every alpha; "
+                         "'' for none")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep (e.g. a CPU sweep)")
     ap.add_argument("--best", default=None, help="lr,inner_lr[,lr_scale] to use without a sweep")
@@ -105,9 +113,7 @@ def main():
         procs = {}
         stop = f"run.stop_after_phase={a.sweep_phases}"
         for name, ov in [("sweep_herding", [stop])] + [
-                (_sweep_name(lr, al, sc), [stop, *mn, f"mnemonics.lr={lr}", f"mnemonics.inner_lr={al}",
-                                           f"mnemonics.lr_scale={sc}"])
-                for lr, al, sc in grid]:
+                (_sweep_name(lr, al, sc), [stop, *mn, *_mn_setting(lr, al, sc)]) for lr, al, sc in grid]:
             # branch: phase 0's model level is shared, its exemplar level is redone under each setting
             procs[name] = launch(name, [*ov, f"run.branch_from={Path(a.runs) / base}"], a, log_dir)
         rcs = wait_all(procs)
@@ -155,9 +161,7 @@ def main():
         sfx = "" if len(seeds) == 1 else f"_s{sd}"
         procs[f"lucir_random{sfx}"] = launch(f"lucir_random{sfx}", ["memory.selection=random", *br], a, log_dir, sd)
         procs[f"lucir_herding{sfx}"] = launch(f"lucir_herding{sfx}", [*br], a, log_dir, sd)
-        procs[f"lucir_mnemonics{sfx}"] = launch(f"lucir_mnemonics{sfx}", [*mn, f"mnemonics.lr={lr}",
-                                                                         f"mnemonics.inner_lr={al}",
-                                                                         f"mnemonics.lr_scale={scale}", *br],
+        procs[f"lucir_mnemonics{sfx}"] = launch(f"lucir_mnemonics{sfx}", [*mn, *_mn_setting(lr, al, scale), *br],
                                                 a, log_dir, sd)
     rcs = wait_all(procs)
     comp = {}

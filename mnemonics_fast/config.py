@@ -99,8 +99,8 @@ class MnemonicsConfig:
     lr: float = 1.0                # beta1: exemplar lr in [0, 1] pixel space (normalised-space equivalent: beta/std^2,
                                    # docs/mnemonics.md). Provisional: bench/results/mnemonics_sweep_cpu.json
     old_lr: float = 0.5            # beta2: exemplar lr for the old-class A/B adjustment
-    lr_scale: str = "none"         # none (the paper) | exemplars: beta1/beta2 multiplied by the number of exemplars in
-                                   # the inner loss, so one value moves pixels alike at any memory size
+    lr_scale: str = "none"         # none (the paper) | exemplars: beta1 and beta2 are per exemplar, multiplied by the
+                                   # number of exemplars in the inner loss (set both small: docs/mnemonics.md)
     momentum: float = 0.9
     adjust_old: bool = True        # SPEC §5 (c)
     old_outer_steps: int = 20      # K for each A/B direction

@@ -64,8 +64,9 @@ def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> Non
     new_px = optimise_exemplars(model, pixels, labels, _cycle(qloader), outer_steps=cfg.outer_steps, lr=cfg.lr,
                                 class_means=means, **common)
     _store(trainer, new_px, labels, new)
+    scaled = cfg.lr_scale == "exemplars"
     trainer.log(f"mnemonics (b): {len(labels)} exemplars of {len(new)} new classes, {cfg.outer_steps} outer steps, "
-                f"{_change(new_px, pixels)}")
+                f"beta1 {cfg.lr:g}" + (f" x {len(labels)} exemplars" if scaled else "") + f", {_change(new_px, pixels)}")
 
     # (c) old classes: every class split in halves A/B, each validated on the other (new classes included for balance)
     if cfg.adjust_old and info.num_old > 0 and cfg.old_outer_steps > 0:
@@ -79,5 +80,6 @@ def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> Non
                                    query_batch_size=cfg.query_batch_size, class_means=means,
                                    update_mask=lab < info.num_old, **common)
         _store(trainer, out, lab, range(info.num_old))
-        trainer.log(f"mnemonics (c): adjusted {int((lab < info.num_old).sum())} old-class exemplars, "
-                    f"{_change(out, bank)}")
+        trainer.log(f"mnemonics (c): adjusted {int((lab < info.num_old).sum())} old-class exemplars, beta2 "
+                    f"{cfg.old_lr:g}" + (f" x about {len(lab) // 2} exemplars (one half)" if scaled else "")
+                    + f", {_change(out, bank)}")
