@@ -59,10 +59,11 @@ def exit_process(code: int) -> None:
     threads keep running: the DDP reducer keeps the group alive), and a worker thread may drop the last reference
     to the final barrier's work - which holds tensors with Python objects - while the interpreter finalises. It then
     needs the GIL, cannot get it, and the process aborts ("terminate called without an active exception", SIGABRT,
-    torchrun reports exit code -6) after every result was written. Reproduced on CPU with torch alone (DDP, a
-    collective, barrier, destroy_process_group: about 1 torchrun run in 10 to 50, rank 1 or 0; the core dump's
-    aborting thread is ProcessGroupGloo::runLoop destroying an AsyncBarrierWork). Skipping that teardown is what
-    avoids it: everything this package writes is closed or flushed before this point (checkpoints are fsynced)."""
+    torchrun reports exit code -6) after every result was written. Reproduced on CPU with torch alone
+    (bench/repro_gloo_teardown.py: DDP, a collective, barrier, destroy_process_group; 15 of 120 torchrun runs
+    aborted, 0 of 120 through this function; bench/results/gloo_teardown_cpu.json); the core dump's aborting thread
+    is ProcessGroupGloo::runLoop destroying an AsyncBarrierWork. Skipping that teardown is what avoids it:
+    everything this package writes is closed or flushed before this point (checkpoints are fsynced)."""
     initialised = dist.is_available() and dist.is_initialized()
     if initialised:
         dist.destroy_process_group()
