@@ -8,6 +8,11 @@ backend kernels are the same in both columns (CUDA kernels on a GPU, the plain-P
 autograd kernel differs, so the difference is the host time the C++ autograd saves on every call. On CPU the tiny
 sizes make that host time the whole cost; on a GPU the eager call is host-bound at the cosine head's sizes (issue 4).
 The C++ column is measured first; then the Python twin is registered over it for the rest of the process.
+
+The same for exemplar_sgd_step_'s version-bump (ADInplaceOrView) layer on the list form: N tensors of 48 floats
+per list, one call per step, C++ layer vs the Python one (which converts the three lists to Python and back). The
+kernel underneath is the same in both columns (on CPU the plain-PyTorch reference, a Python loop, so the absolute
+times are the reference's; the difference is the layer's host cost per call).
 """
 from __future__ import annotations
 
@@ -27,9 +32,10 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 from bench_cosine_linear import environment, safe_name  # noqa: E402
 
 import mnemonics_fast.ops as ops  # noqa: E402
-from mnemonics_fast.ops import cosine  # noqa: E402
+from mnemonics_fast.ops import cosine, exemplar_sgd  # noqa: E402
 
 SIZES = [(2, 4, 3), (128, 64, 100), (256, 512, 1000)]
+SGD_LISTS = [100, 1000, 10000]
 
 
 def time_step(device: str, B: int, D: int, C: int, reps: int, samples: int) -> tuple[float, str]:
@@ -63,6 +69,31 @@ def time_step(device: str, B: int, D: int, C: int, reps: int, samples: int) -> t
     return statistics.median(per), name
 
 
+def time_sgd(device: str, n: int, samples: int) -> float:
+    g = torch.Generator().manual_seed(n)
+    lists = [[(torch.rand(3, 4, 4, generator=g) * 0.5 + 0.25).to(device) for _ in range(n)] for _ in range(3)]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step():   # lr 0: the pixels stay inside [0, 1] however often it runs
+        ops.exemplar_sgd_step_(lists[0], lists[1], lists[2], 0.0, 0.9, 0.0, 0.0, 1.0)
+
+    for _ in range(3):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    step()
+    sync()
+    reps = max(3, int(0.2 / (time.perf_counter() - t0)))
+    per = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step()
+        sync()
+        per.append((time.perf_counter() - t0) / reps * 1e3)
+    return statistics.median(per)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -78,9 +109,18 @@ def main():
     rows = {}
     for B, D, C in SIZES:
         rows[f"{B}x{D}x{C}"] = {"cpp_ms": time_step(a.device, B, D, C, a.reps, a.samples)}
+    sgd = {n: {"cpp_ms": time_sgd(a.device, n, a.samples)} for n in SGD_LISTS}
     cosine.use_python_autograd()
     for B, D, C in SIZES:
         rows[f"{B}x{D}x{C}"]["python_ms"] = time_step(a.device, B, D, C, a.reps, a.samples)
+    exemplar_sgd.use_python_inplace_layer()
+    calls = []
+    real = exemplar_sgd._increment_versions
+    exemplar_sgd._increment_versions = lambda ts: (calls.append(len(ts)), real(ts))
+    for n in SGD_LISTS:
+        sgd[n]["python_ms"] = time_sgd(a.device, n, a.samples)
+    exemplar_sgd._increment_versions = real
+    assert calls, "the Python version-bump layer was not in the dispatch path"
     print(f"cosine_linear fwd+bwd per eager call on {a.device} ({environment()['card']}), ms (median):")
     print(f"{'B x D x C':>16} {'C++ autograd':>14} {'Python autograd':>16} {'saved':>8} {'ratio':>7}")
     out = {}
@@ -89,8 +129,17 @@ def main():
         assert "CosineLinearFunction" in cname and "CosineLinearFunction" not in pname, (cname, pname)
         out[k] = {"cpp_autograd_ms": cpp, "python_autograd_ms": py, "saved_ms": py - cpp, "ratio": py / cpp}
         print(f"{k:>16} {cpp:>14.4f} {py:>16.4f} {py - cpp:>8.4f} {py / cpp:>6.2f}x")
+    print(f"exemplar_sgd_step_ list form per call on {a.device}, ms (median); lists of N tensors of 3x4x4:")
+    print(f"{'N':>16} {'C++ layer':>14} {'Python layer':>16} {'saved':>8} {'ratio':>7}")
+    sgd_out = {}
+    for n, r in sgd.items():
+        cpp, py = r["cpp_ms"], r["python_ms"]
+        sgd_out[str(n)] = {"cpp_layer_ms": cpp, "python_layer_ms": py, "saved_ms": py - cpp, "ratio": py / cpp,
+                           "saved_us_per_tensor": (py - cpp) * 1e3 / n}
+        print(f"{n:>16} {cpp:>14.4f} {py:>16.4f} {py - cpp:>8.4f} {py / cpp:>6.2f}x")
     res = {"bench": "cosine_autograd", "device": a.device, "threads": 1, "env": environment(),
-           "backend": "CUDA kernels" if a.device == "cuda" else "plain-PyTorch reference (CPU)", "rows": out}
+           "backend": "CUDA kernels" if a.device == "cuda" else "plain-PyTorch reference (CPU)", "rows": out,
+           "exemplar_sgd_list_layer": sgd_out}
     path = a.out or os.path.join(ROOT, "bench", "results",
                                  f"cosine_autograd_{safe_name(environment()['card']).lower()}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)

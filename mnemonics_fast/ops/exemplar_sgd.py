@@ -57,11 +57,17 @@ def _exemplar_sgd_step_ad_inplace_or_view(keyset, params, grads, momentum_buffer
     return _op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, params, grads, momentum_buffers, *scalars)
 
 
-# With the extension this layer is C++ (csrc/autograd.cpp): in Python it converts the three tensor lists to Python and
-# back on every call, which dominates the host cost of the list form.
-if not ext.KERNELS:
+def use_python_inplace_layer() -> None:
+    """Register the Python version-bump layer (over the C++ one when the extension is built): the A/B switch of
+    bench/bench_cosine_autograd.py, also set by MNEMONICS_FAST_PYTHON_AUTOGRAD=1. Process-wide, not undoable."""
     ext.impl_lib.impl("exemplar_sgd_step_", _exemplar_sgd_step_ad_inplace_or_view, "ADInplaceOrView",
                       with_keyset=True)
+
+
+# With the extension this layer is C++ (csrc/autograd.cpp): in Python it converts the three tensor lists to Python and
+# back on every call, a host cost linear in the list length (bench/bench_cosine_autograd.py measures it).
+if not ext.KERNELS or ext._env_flag("MNEMONICS_FAST_PYTHON_AUTOGRAD"):
+    use_python_inplace_layer()
 
 
 @torch.library.register_fake("mnemonics_fast::exemplar_sgd_step_")
