@@ -38,6 +38,27 @@ SIZES = [(2, 4, 3), (128, 64, 100), (256, 512, 1000)]
 SGD_LISTS = [100, 1000, 10000]
 
 
+def median_ms(step, sync, samples: int, sample_s: float, max_reps: int = 10 ** 6) -> float:
+    """Median ms per call of `step` over `samples` samples of back-to-back calls, each about `sample_s` long
+    (5 warm-up calls, then 5 timed ones to pick the repetitions per sample)."""
+    for _ in range(5):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        step()
+    sync()
+    reps = max(3, min(max_reps, int(sample_s / ((time.perf_counter() - t0) / 5))))
+    per = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step()
+        sync()
+        per.append((time.perf_counter() - t0) / reps * 1e3)
+    return statistics.median(per)
+
+
 def time_step(device: str, B: int, D: int, C: int, reps: int, samples: int) -> tuple[float, str]:
     g = torch.Generator().manual_seed(B * 7 + C)
     x = torch.randn(B, D, generator=g).to(device).requires_grad_()
@@ -51,22 +72,7 @@ def time_step(device: str, B: int, D: int, C: int, reps: int, samples: int) -> t
         return torch.autograd.grad(out, (x, w, s), go)
 
     name = ops.cosine_linear(x, w, s).grad_fn.name()
-    for _ in range(5):
-        step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(5):
-        step()
-    sync()
-    reps = max(3, min(reps, int(0.1 / ((time.perf_counter() - t0) / 5))))   # about 0.1 s per sample
-    per = []
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            step()
-        sync()
-        per.append((time.perf_counter() - t0) / reps * 1e3)
-    return statistics.median(per), name
+    return median_ms(step, sync, samples, sample_s=0.1, max_reps=reps), name
 
 
 def time_sgd(device: str, n: int, samples: int) -> float:
@@ -77,21 +83,7 @@ def time_sgd(device: str, n: int, samples: int) -> float:
     def step():   # lr 0: the pixels stay inside [0, 1] however often it runs
         ops.exemplar_sgd_step_(lists[0], lists[1], lists[2], 0.0, 0.9, 0.0, 0.0, 1.0)
 
-    for _ in range(3):
-        step()
-    sync()
-    t0 = time.perf_counter()
-    step()
-    sync()
-    reps = max(3, int(0.2 / (time.perf_counter() - t0)))
-    per = []
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            step()
-        sync()
-        per.append((time.perf_counter() - t0) / reps * 1e3)
-    return statistics.median(per)
+    return median_ms(step, sync, samples, sample_s=0.2)
 
 
 def main():
