@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 
-# Set once this process has joined a process group through init_distributed (see exit_process).
-_USED = {"distributed": False}
+# True once this process has joined a process group through init_distributed (see exit_process).
+_joined_group = False
 
 
 @dataclass
@@ -44,8 +44,9 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
+    global _joined_group
     if world > 1 and not dist.is_initialized():
-        _USED["distributed"] = True
+        _joined_group = True
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     return DistInfo(rank, world, local, device)
 
@@ -67,7 +68,7 @@ def exit_process(code: int) -> None:
     initialised = dist.is_available() and dist.is_initialized()
     if initialised:
         dist.destroy_process_group()
-    if not (initialised or _USED["distributed"]):
+    if not (initialised or _joined_group):
         sys.exit(code)   # a world of one: the ordinary exit
     atexit._run_exitfuncs()   # what a normal exit would run; os._exit skips only the interpreter's own teardown
     for stream in (sys.stdout, sys.stderr):
