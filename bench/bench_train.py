@@ -4,10 +4,12 @@
                     pinned memory, worker processes (what LUCIR/PyCIL/the authors' code do)
   resident path   : the whole split as uint8 on the GPU, crop/flip batched there (mnemonics_fast's fast path)
 
-each in fp32 and bf16 (autocast, channels_last). Images: the tin100a-32 ImageFolder tree when --root is given (real
+each in fp32 and bf16 (autocast, channels_last), and with --compile MODE also with the backbone under torch.compile
+(what train.compile does; the warm-up steps absorb the compile, which is reported apart). Images: the tin100a-32 ImageFolder tree when --root is given (real
 JPEGs, decoded once), else random uint8 images of the same shape. Prints a table and writes JSON.
 
     python bench/bench_train.py --root ~/.cache/mnemonics_fast/tin100a-32 --out bench/results/train_throughput.json
+    python bench/bench_train.py --paths resident --compile default      # eager vs torch.compile, side by side
 """
 from __future__ import annotations
 
@@ -51,9 +53,12 @@ def _load(root: str | None, n_classes: int):
             (0.5,) * 3, (0.25,) * 3, "random uint8")
 
 
-def run_one(path: str, dtype: str, images, labels, mean, std, device, batch, steps, warmup, workers):
+def run_one(path: str, dtype: str, images, labels, mean, std, device, batch, steps, warmup, workers,
+            compile_mode: str = "none"):
     torch.manual_seed(0)
     model = build_model("resnet32", mean, std, num_classes=int(labels.max()) + 1).to(device)
+    if compile_mode != "none":   # as train.compile: the backbone only (mnemonics_fast/trainer/compile.py)
+        model.backbone.compile(mode=None if compile_mode == "default" else compile_mode)
     bf16 = dtype == "bf16"
     if bf16:
         model = model.to(memory_format=torch.channels_last)
@@ -88,10 +93,12 @@ def run_one(path: str, dtype: str, images, labels, mean, std, device, batch, ste
         loss.backward()
         opt.step()
 
+    t = time.perf_counter()
     for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t
     rates = []
     for _ in range(3):  # three timed windows; report the median
         t = time.perf_counter()
@@ -100,7 +107,7 @@ def run_one(path: str, dtype: str, images, labels, mean, std, device, batch, ste
         if device.type == "cuda":
             torch.cuda.synchronize()
         rates.append(steps * batch / (time.perf_counter() - t))
-    return statistics.median(rates)
+    return statistics.median(rates), warmup_s
 
 
 def main():
@@ -112,31 +119,49 @@ def main():
     ap.add_argument("--warmup", type=int, default=15)
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--paths", default="dataloader,resident", help="comma list of dataloader,resident")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,bf16")
+    ap.add_argument("--compile", default="none", help="comma list of torch.compile modes to run besides eager "
+                    "(none, default, reduce-overhead, max-autotune-no-cudagraphs), e.g. 'none,default'")
     ap.add_argument("--quick", action="store_true", help="tiny CPU sanity run")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True   # as the trainer (train.cudnn_benchmark)
+    if a.quick:
+        a.steps, a.warmup = 3, 2
     if a.quick or device.type == "cpu":
-        a.steps, a.warmup, a.workers = 3, 1, 0
+        a.workers = 0
     images, labels, mean, std, source = _load(a.root, a.classes)
+    modes = ["none"] + [m for m in a.compile.split(",") if m and m != "none"]
     rows = []
-    for path in ("dataloader", "resident"):
-        for dtype in ("fp32", "bf16"):
-            r = run_one(path, dtype, images, labels, mean, std, device, a.batch, a.steps, a.warmup, a.workers)
-            rows.append({"path": path, "dtype": dtype, "img_per_s": r})
-            print(f"{path:>10} {dtype:>5}: {r:10.0f} img/s", flush=True)
-    base = {d: next(r["img_per_s"] for r in rows if r["path"] == "dataloader" and r["dtype"] == d) for d in ("fp32", "bf16")}
+    for path in a.paths.split(","):
+        for dtype in a.dtypes.split(","):
+            for mode in modes:
+                r, warm = run_one(path, dtype, images, labels, mean, std, device, a.batch, a.steps, a.warmup,
+                                  a.workers, mode)
+                rows.append({"path": path, "dtype": dtype, "compile": mode, "img_per_s": r,
+                             "warmup_s": warm, "warmup_steps": a.warmup})
+                print(f"{path:>10} {dtype:>5} compile={mode:<16}: {r:10.0f} img/s (warm-up {warm:.1f} s)",
+                      flush=True)
     for r in rows:
-        r["speedup_vs_dataloader"] = r["img_per_s"] / base[r["dtype"]]
-    card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+        same = [b for b in rows if b["dtype"] == r["dtype"] and b["compile"] == "none"]
+        base = next((b for b in same if b["path"] == "dataloader"), None)
+        eager = next(b for b in same if b["path"] == r["path"])
+        if base is not None:
+            r["speedup_vs_dataloader"] = r["img_per_s"] / base["img_per_s"]
+        r["speedup_vs_eager"] = r["img_per_s"] / eager["img_per_s"]
+    card = torch.cuda.get_device_name() if device.type == "cuda" else \
+        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     result = {"bench": "phase0_train_throughput", "card": card, "torch": torch.__version__, "cuda": torch.version.cuda,
               "model": "resnet32 + cosine head", "image": "3x32x32", "batch": a.batch, "classes": a.classes,
               "images": source, "n_images": int(len(labels)), "workers": a.workers, "timed_steps": a.steps,
               "rows": rows}
     print(f"\ncard {card} | torch {torch.__version__} | batch {a.batch} | {source}")
-    print(f"{'path':>10} {'dtype':>5} {'img/s':>10} {'x dataloader':>13}")
+    print(f"{'path':>10} {'dtype':>5} {'compile':>16} {'img/s':>10} {'x dataloader':>13} {'x eager':>8}")
     for r in rows:
-        print(f"{r['path']:>10} {r['dtype']:>5} {r['img_per_s']:>10.0f} {r['speedup_vs_dataloader']:>13.2f}")
+        xd = f"{r['speedup_vs_dataloader']:.2f}" if "speedup_vs_dataloader" in r else "-"
+        print(f"{r['path']:>10} {r['dtype']:>5} {r['compile']:>16} {r['img_per_s']:>10.0f} {xd:>13} "
+              f"{r['speedup_vs_eager']:>8.2f}")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything this project checks on a GPU, in two calls that fit one 15-minute device lease (see README "Performance"):
 #
-#   bash bench/device_all.sh 1   # ~6 min: build, CUDA op tests + compute-sanitizer, op benchmarks, one mnemonics
-#                                #         outer step benchmark, phase-0 training throughput
+#   bash bench/device_all.sh 1   # ~7 min: build, CUDA op tests + compute-sanitizer, op benchmarks, one mnemonics
+#                                #         outer step benchmark, phase-0 training throughput (eager vs torch.compile)
 #   bash bench/device_all.sh 2   # ~5 min: tin100a-32 real-data runs (mnemonics sweep; random vs herding vs mnemonics)
 #   bash bench/device_all.sh 3   # ~8 min: the comparison for seeds 1 and 2 (BEST=beta1,alpha[,lr_scale] from part 2), for a
 #                                #         later lease: parts 1 + 2 fill one 15-minute lease
@@ -44,16 +44,17 @@ if [ "$PART" = 1 ]; then
   stamp "profile of one mnemonics outer step (which kernels)"
   timeout 60 "$PY" bench/profile_mnemonics_step.py --out "$WORK/profile_mnemonics.txt" > /dev/null 2>&1 \
     || echo "profile_mnemonics_step rc=$?"
-  stamp "training throughput benchmark"
-  timeout 70 "$PY" bench/bench_train.py --root "$DATA" --steps 40 --warmup 10 --out "$WORK/bench_train.json" \
-    > "$WORK/bench_train.log" 2>&1 || echo "bench_train rc=$?"
+  stamp "training throughput benchmark: eager vs train.compile (bf16, resident; the dataloader rows were measured before)"
+  timeout 150 "$PY" bench/bench_train.py --root "$DATA" --steps 30 --warmup 4 --paths resident --dtypes bf16 \
+    --compile none,default,reduce-overhead --out "$WORK/bench_train.json" > "$WORK/bench_train.log" 2>&1 \
+    || echo "bench_train rc=$?"
   stamp "CUDA op tests + compute-sanitizer (correctness; timings above were taken before)"
   mkdir -p "$WORK/check_b"
   OUT="$WORK/check_b" SECTIONS="test_cuda sanitize" DEADLINE=200 bash bench/device_check.sh > "$WORK/check_b.txt" 2>&1
   stamp "done"
   tail -n 6 "$WORK/cosine_autograd.log"
   tail -n 40 "$WORK/bench_mnemonics.log"
-  tail -n 8 "$WORK/bench_train.log"
+  tail -n 6 "$WORK/bench_train.log"
   cat "$WORK/summary_a.txt" 2>/dev/null | head -n 60
   cat "$WORK/check_b/summary.txt" 2>/dev/null | head -n 10
   grep -E "passed|failed|error" "$WORK/check_b/test_cuda.log" | tail -n 5

@@ -86,6 +86,8 @@ class TrainConfig:
     channels_last: bool = True     # CUDA only
     cudnn_benchmark: bool = True   # CUDA only: let cuDNN pick the fastest conv algorithms (shapes are fixed)
     phase0_epochs: int = -1        # -1: same as `epochs`
+    compile: str = "none"          # none | default | reduce-overhead | max-autotune[-no-cudagraphs]: torch.compile
+                                   # the backbone while the model level trains (mnemonics_fast/trainer/compile.py)
 
 
 @dataclass
@@ -156,6 +158,7 @@ CHOICES = {
     "mnemonics.storage": {"float", "uint8"},
     "mnemonics.lr_scale": {"none", "exemplars"},
     "run.resume": {"auto", "never"},
+    "train.compile": {"none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"},
     "run.device": {"auto", "cpu", "cuda"},
 }
 

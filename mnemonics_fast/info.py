@@ -1,7 +1,7 @@
 """`python -m mnemonics_fast.info`: which kernels are live and what they were built against (after xformers.info).
 
 Prints the extension's state (and why it is off), torch/CUDA versions at build and run time, the arch list, which
-implementation each op uses per device, whether DALI is importable and whether a GPU is visible. `--json` prints the
+implementation each op uses per device, whether DALI is importable, whether torch.compile can run (train.compile) and whether a GPU is visible. `--json` prints the
 same as one JSON object.
 """
 from __future__ import annotations
@@ -29,6 +29,9 @@ def collect() -> dict:
     except Exception as exc:  # ImportError, or a broken install raising something else
         info["dali"] = None
         info["dali_reason"] = f"{type(exc).__name__}: {exc}"
+    from .trainer.compile import compile_unavailable
+    info["compile"] = {dev: compile_unavailable(torch.device(dev)) or "available"
+                       for dev in (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])}
     info["python"] = sys.version.split()[0]
     return info
 
@@ -60,6 +63,7 @@ def format_info(info: dict) -> str:
     gpu = info["gpu"]
     row("GPU", f"{gpu['name']} (sm {gpu['capability']}, {gpu['count']} visible)" if gpu else "none visible")
     row("DALI", info["dali"] if info["dali"] else f"not available ({info.get('dali_reason', '')})")
+    row("torch.compile (train.compile)", ", ".join(f"{d}: {w}" for d, w in info["compile"].items()))
     row("python", info["python"])
     return "\n".join(lines)
 

@@ -16,17 +16,18 @@ DDP_CHANGES = {"data.image_size": 16, "train.epochs": 3, "train.milestones": [2]
                "data.synthetic_per_class": 60, "train.lr": 0.02, "train.eval_batch_size": 256}
 
 
-def _worker(rank: int, world: int, tmp: str, seed: int = 0) -> None:
+def _worker(rank: int, world: int, tmp: str, seed: int = 0, changes: dict | None = None) -> None:
     from mnemonics_fast.trainer import Trainer
     from mnemonics_fast.trainer.distributed import DistInfo
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     try:
-        cfg = tiny_config(tmp, name="ddp", seed=seed, **DDP_CHANGES)
+        cfg = tiny_config(tmp, name="ddp", seed=seed, **{**DDP_CHANGES, **(changes or {})})
         tr = Trainer(cfg, DistInfo(rank=rank, world=world, local_rank=rank, device=torch.device("cpu")))
         summary = tr.run()
         torch.save({"summary": summary, "ranking": tr.memory.ranking, "class_means": tr.class_means,
-                    "model": tr.model.state_dict(), "y_train": tr.y_train}, f"{tmp}/rank{rank}.pt")
+                    "model": tr.model.state_dict(), "y_train": tr.y_train, "compile_mode": tr.compile_mode},
+                   f"{tmp}/rank{rank}.pt")
         if tr._log_file is not None:
             tr._log_file.close()
     except BaseException:
@@ -101,6 +102,24 @@ def test_only_rank0_writes(ddp_result):
     import json
     assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"phase_{i:03d}.pt" for i in range(3)]
+
+
+def test_ddp_with_compiled_backbone(tmp_path):
+    """train.compile under DDP (gloo, 2 processes): the compiled backward still feeds DDP's gradient all-reduce, so
+    both ranks end with the same model and results, and the three phases complete (teacher compiled too)."""
+    from mnemonics_fast.trainer.compile import compile_unavailable
+    why = compile_unavailable(torch.device("cpu"))
+    if why:
+        pytest.skip(f"torch.compile cannot run here: {why}")
+    changes = {"train.compile": "default", "train.epochs": 1, "train.milestones": []}
+    mp.spawn(_worker, args=(2, str(tmp_path), 0, changes), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert r0["compile_mode"] == r1["compile_mode"] == "default"
+    for k, v in r0["model"].items():
+        assert torch.equal(v, r1["model"][k]), f"{k} differs between ranks"
+    assert r0["summary"]["top1"] == r1["summary"]["top1"] and len(r0["summary"]["top1"]["nme"]) == 3
+    for c in r0["ranking"]:
+        assert torch.equal(r0["ranking"][c], r1["ranking"][c])
 
 
 def test_torchrun_cli(tmp_path):

@@ -356,8 +356,9 @@ def test_info_module(capsys):
 
     assert main(["--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert {"kernels_available", "ops", "gpu", "dali", "build"} <= set(info)
+    assert {"kernels_available", "ops", "gpu", "dali", "build", "compile"} <= set(info)
     assert info["kernels_available"] == ops.kernels_available()
+    assert set(info["compile"]) == ({"cpu", "cuda"} if torch.cuda.is_available() else {"cpu"})
     proc = subprocess.run([sys.executable, "-m", "mnemonics_fast.info"], capture_output=True, text=True, cwd=ROOT,
                           timeout=120)
     assert proc.returncode == 0 and "mnemonics_fast._C" in proc.stdout and "DALI" in proc.stdout, proc.stderr[-3000:]

@@ -1,7 +1,9 @@
 """The trainer end to end (tiny CPU runs): metrics, logs, evaluation, the LR schedule, the CLI."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
 
@@ -203,3 +205,64 @@ def test_cli_demo_config_runs(tmp_path):
     assert len(metrics["top1"]["cnn"]) == 4
     assert sorted(p.name for p in (out / "demo_digits" / "checkpoints").iterdir()) == \
         [f"phase_{i:03d}.pt" for i in range(4)]
+
+
+# ------------------------------------------------------------------ train.compile
+def _compile_or_skip():
+    from mnemonics_fast.trainer.compile import compile_unavailable
+    why = compile_unavailable(torch.device("cpu"))
+    if why:
+        pytest.skip(f"torch.compile cannot run here: {why}")
+
+
+def test_compile_trains_like_eager_and_is_undone(tmp_path):
+    """train.compile: one LUCIR epoch (teacher, less-forget, margin ranking) through the compiled backbone lands on
+    the eager run's weights up to float rounding; the compiled graph really ran (Dynamo counted it), and afterwards
+    both backbones are plain modules again (the exemplar level needs double backward, which compiled graphs lack)."""
+    _compile_or_skip()
+    from torch._dynamo.utils import counters
+
+    from mnemonics_fast.trainer.compile import compiled_backbones
+
+    def run(mode):
+        tr = Trainer(tiny_config(tmp_path))
+        tr.runlog = RunLog(tmp_path, False, False)
+        tr.compile_mode = mode
+        torch.manual_seed(0)
+        model = build_model("resnet32", (0.5,) * 3, (0.25,) * 3, num_classes=3)
+        teacher = build_model("resnet32", (0.5,) * 3, (0.25,) * 3, num_classes=3)
+        teacher.load_state_dict(model.state_dict())
+        teacher.eval().requires_grad_(False)
+        model.grow(2)
+        # float64: batch-4 BatchNorm amplifies float32 rounding differences (fused vs unfused reductions) into
+        # ~1e-4 weight differences within 3 steps; in float64 the two paths must agree to rounding.
+        model.double(), teacher.double()
+        loader = _FakeLoader(steps=3, num_classes=5)
+        loader.batches = [(x.double(), y) for x, y in loader.batches]
+        tr.train_model(model, teacher, loader, PhaseInfo(1, 3, 2), epochs=1, lr=0.05, milestones=[])
+        for m in (model, teacher):
+            assert m.backbone._compiled_call_impl is None
+        return model
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = run("none")
+    assert counters["stats"]["unique_graphs"] == 0
+    compiled = run("default")
+    assert counters["stats"]["unique_graphs"] >= 2         # the student (train, grad) and the teacher (eval, no grad)
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name}: {m}")
+    with compiled_backbones([compiled, None], "none"):      # "none" leaves the module alone
+        assert compiled.backbone._compiled_call_impl is None
+
+
+def test_compile_unavailable_is_said_once_and_training_goes_on_eagerly(tmp_path, monkeypatch):
+    from mnemonics_fast.trainer import loop
+    monkeypatch.setattr(loop, "compile_unavailable", lambda device: "no C++ compiler (test)")
+    tr = Trainer(tiny_config(tmp_path, **{"train.compile": "default"}))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        tr.setup()
+    assert tr.compile_mode == "none"
+    assert buf.getvalue().count("train.compile=default: torch.compile cannot run here (no C++ compiler (test))") == 1

@@ -26,6 +26,7 @@ from ..methods import PhaseInfo, build_method
 from ..models import build_model, imprint_weights
 from ..utils.io import atomic_torch_save
 from . import distributed as D
+from .compile import compile_unavailable, compiled_backbones
 from .metrics import Metrics, RunLog, format_table
 
 
@@ -42,6 +43,7 @@ class Trainer:
         self.class_means: torch.Tensor | None = None
         self.model = None
         self._log_file = None
+        self.compile_mode = "none"   # train.compile, once setup() has checked that torch.compile can run here
 
     # ================================================================ logging
     def log(self, msg: str) -> None:
@@ -97,6 +99,15 @@ class Trainer:
         self.log(f"mnemonics_fast {__version__} | torch {torch.__version__} | python {platform.python_version()} | "
                  f"device {self.device} | world {self.dist.world}")
         self.log(f"ops: {self._ops_line()}")
+        self.compile_mode = cfg.train.compile
+        if self.compile_mode != "none":
+            why = compile_unavailable(self.device)
+            if why:   # said once; the run goes on eagerly (same results, the eager speed)
+                self.log(f"train.compile={self.compile_mode}: torch.compile cannot run here ({why}); training eagerly")
+                self.compile_mode = "none"
+            else:
+                self.log(f"train.compile={self.compile_mode}: the backbone runs through torch.compile while the "
+                         f"model level trains (compiled once, reused by every phase)")
         self.log(f"data: {ds.name}, {ds.num_classes} classes, {len(ds.train)} train / {len(ds.test)} test images "
                  f"of {ds.image_size}x{ds.image_size}, loader {'resident' if ds.resident else self.file_loader_kind}")
         self.log(f"protocol: class order seed {cfg.protocol.class_order_seed} (first: {self.order[:10]}), "
@@ -339,10 +350,26 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         net = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
             if self.dist.enabled else model
-        n_img, t_train, last = 0, 0.0, float("nan")
         bar = self._bar(epochs * len(loader), f"phase {info.phase} train")
         if bar is not None:
             bar.update(start_epoch * len(loader))
+        with compiled_backbones([model, teacher], self.compile_mode):
+            n_img, t_train, last = self._train_epochs(model, net, teacher, loader, info, epochs, start_epoch, opt,
+                                                      sched, head_only, bar)
+        if bar is not None:
+            bar.close()
+        if self.device.type == "cuda" and self.cfg.train.channels_last:
+            model.to(memory_format=torch.contiguous_format)
+        if self.dist.enabled:
+            # DDP broadcasts buffers only at the start of each forward, so the last step left every rank with its
+            # own BN running statistics: make rank 0's the model of every rank (features, exemplars, checkpoint).
+            for b in model.buffers():
+                D.broadcast_tensor(b, self.dist)
+        self._last_opt = (opt, sched)
+        return {"train_s": t_train, "img_per_s": n_img / t_train if t_train > 0 else 0.0, "loss": last}
+
+    def _train_epochs(self, model, net, teacher, loader, info, epochs, start_epoch, opt, sched, head_only, bar):
+        n_img, t_train, last = 0, 0.0, float("nan")
         for epoch in range(start_epoch, epochs):
             loader.set_epoch(epoch)
             model.train()
@@ -380,17 +407,7 @@ class Trainer:
             every = self.cfg.run.checkpoint_every
             if not head_only and every > 0 and (epoch + 1) % every == 0 and epoch + 1 < epochs:
                 self._save_partial(info.phase, epoch, model, opt, sched)
-        if bar is not None:
-            bar.close()
-        if self.device.type == "cuda" and self.cfg.train.channels_last:
-            model.to(memory_format=torch.contiguous_format)
-        if self.dist.enabled:
-            # DDP broadcasts buffers only at the start of each forward, so the last step left every rank with its
-            # own BN running statistics: make rank 0's the model of every rank (features, exemplars, checkpoint).
-            for b in model.buffers():
-                D.broadcast_tensor(b, self.dist)
-        self._last_opt = (opt, sched)
-        return {"train_s": t_train, "img_per_s": n_img / t_train if t_train > 0 else 0.0, "loss": last}
+        return n_img, t_train, last
 
     def class_balanced_finetune(self, model, teacher, info: PhaseInfo, seed: int) -> None:
         """LUCIR's ImageNet option: train only the head on a class-balanced exemplar set (this phase's new classes
@@ -576,7 +593,7 @@ class Trainer:
 
     # Fields that change speed or logging only: they may differ across resume and branch.
     _RESULT_NEUTRAL = {"data": {"num_workers", "cache_dir"}, "mnemonics": {"cuda_graph", "exemplar_chunk"},
-                       "train": {"eval_batch_size", "cudnn_benchmark"}}
+                       "train": {"eval_batch_size", "cudnn_benchmark", "compile"}}
 
     def _check_same(self, state: dict, path: Path, sections, what: str, hint: str) -> None:
         mine = to_dict(self.cfg)
