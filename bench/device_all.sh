@@ -44,8 +44,8 @@ if [ "$PART" = 1 ]; then
   stamp "profile of one mnemonics outer step (which kernels)"
   timeout 60 "$PY" bench/profile_mnemonics_step.py --out "$WORK/profile_mnemonics.txt" > /dev/null 2>&1 \
     || echo "profile_mnemonics_step rc=$?"
-  stamp "training throughput benchmark: eager vs train.compile (bf16, resident; the dataloader rows were measured before)"
-  timeout 150 "$PY" bench/bench_train.py --root "$DATA" --steps 30 --warmup 4 --paths resident --dtypes bf16 \
+  stamp "training throughput benchmark: eager vs train.compile, fp32 vs bf16 (resident; dataloader rows measured before)"
+  timeout 200 "$PY" bench/bench_train.py --root "$DATA" --steps 30 --warmup 4 --paths resident --dtypes fp32,bf16 \
     --compile none,default,reduce-overhead --out "$WORK/bench_train.json" > "$WORK/bench_train.log" 2>&1 \
     || echo "bench_train rc=$?"
   stamp "CUDA op tests + compute-sanitizer (correctness; timings above were taken before)"
