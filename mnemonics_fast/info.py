@@ -1,8 +1,8 @@
 """`python -m mnemonics_fast.info`: which kernels are live and what they were built against (after xformers.info).
 
 Prints the extension's state (and why it is off), torch/CUDA versions at build and run time, the arch list, which
-implementation each op uses per device, whether DALI is importable, whether torch.compile can run (train.compile) and whether a GPU is visible. `--json` prints the
-same as one JSON object.
+implementation each op uses per device, whether DALI is importable, whether torch.compile can run (train.compile) and
+whether a GPU is visible. `--json` prints the same as one JSON object.
 """
 from __future__ import annotations
 

@@ -19,8 +19,6 @@ from contextlib import contextmanager
 
 import torch
 
-MODES = {"none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"}
-
 # Graphs per backbone forward a whole run may need: train and teacher (grad mode is guarded), each for the full
 # batch, a dynamic batch range (an epoch's smaller last batch) and sizes of 16 and below (conv specialises them).
 # torch's default of 8 could be reached in a long run, after which Dynamo silently runs that frame eagerly.
@@ -50,10 +48,12 @@ def compiled_backbones(models, mode: str):
     `models` may contain None (no teacher in phase 0). mode "none" does nothing.
     """
     nets = [m for m in models if m is not None] if mode != "none" else []
-    import torch._dynamo.config as dynamo_config
+    if not nets:
+        yield
+        return
+    import torch._dynamo.config as dynamo_config   # lazily: importing Dynamo costs start-up time
     limit = dynamo_config.recompile_limit
-    if nets:
-        dynamo_config.recompile_limit = max(limit, RECOMPILE_LIMIT)
+    dynamo_config.recompile_limit = max(limit, RECOMPILE_LIMIT)
     for m in nets:
         m.backbone.compile(mode=None if mode == "default" else mode)
     try:
@@ -62,5 +62,5 @@ def compiled_backbones(models, mode: str):
         dynamo_config.recompile_limit = limit
         for m in nets:
             # nn.Module.compile stores the compiled call here; dropping it restores the plain call
-            # (tests/test_trainer.py::test_compile_is_undone_after_training pins this against torch upgrades).
+            # (tests/test_trainer.py::test_compile_trains_like_eager_and_is_undone pins this against torch upgrades).
             m.backbone._compiled_call_impl = None

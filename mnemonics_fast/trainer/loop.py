@@ -353,9 +353,45 @@ class Trainer:
         bar = self._bar(epochs * len(loader), f"phase {info.phase} train")
         if bar is not None:
             bar.update(start_epoch * len(loader))
+        n_img, t_train, last = 0, 0.0, float("nan")
         with compiled_backbones([model, teacher], self.compile_mode):
-            n_img, t_train, last = self._train_epochs(model, net, teacher, loader, info, epochs, start_epoch, opt,
-                                                      sched, head_only, bar)
+            for epoch in range(start_epoch, epochs):
+                loader.set_epoch(epoch)
+                model.train()
+                if head_only:  # class-balanced fine-tuning keeps BN frozen
+                    model.backbone.eval()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                te = time.perf_counter()
+                tot, cnt = torch.zeros((), device=self.device), 0
+                for x, y in loader:
+                    x = self._fmt(x)
+                    with self._autocast():
+                        out = net(x, return_all=True)
+                        t_out = None
+                        if teacher is not None:
+                            with torch.no_grad():
+                                t_out = teacher(x, return_all=True)
+                        loss, _ = self.method.loss(out, y, t_out, info)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    tot += loss.detach()
+                    cnt += 1
+                    n_img += len(y) * self.dist.world
+                    if bar is not None:
+                        bar.update(1)
+                sched.step()  # after the epoch: stepping before it would shift the whole schedule by one (SPEC §7)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                t_train += time.perf_counter() - te
+                last = float(tot / max(cnt, 1))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last:.3f}", lr=f"{sched.get_last_lr()[0]:.3g}")
+                self.runlog.scalar(f"loss/phase{info.phase}", last, epoch)
+                every = self.cfg.run.checkpoint_every
+                if not head_only and every > 0 and (epoch + 1) % every == 0 and epoch + 1 < epochs:
+                    self._save_partial(info.phase, epoch, model, opt, sched)
         if bar is not None:
             bar.close()
         if self.device.type == "cuda" and self.cfg.train.channels_last:
@@ -367,47 +403,6 @@ class Trainer:
                 D.broadcast_tensor(b, self.dist)
         self._last_opt = (opt, sched)
         return {"train_s": t_train, "img_per_s": n_img / t_train if t_train > 0 else 0.0, "loss": last}
-
-    def _train_epochs(self, model, net, teacher, loader, info, epochs, start_epoch, opt, sched, head_only, bar):
-        n_img, t_train, last = 0, 0.0, float("nan")
-        for epoch in range(start_epoch, epochs):
-            loader.set_epoch(epoch)
-            model.train()
-            if head_only:  # class-balanced fine-tuning keeps BN frozen
-                model.backbone.eval()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            te = time.perf_counter()
-            tot, cnt = torch.zeros((), device=self.device), 0
-            for x, y in loader:
-                x = self._fmt(x)
-                with self._autocast():
-                    out = net(x, return_all=True)
-                    t_out = None
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_out = teacher(x, return_all=True)
-                    loss, _ = self.method.loss(out, y, t_out, info)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                tot += loss.detach()
-                cnt += 1
-                n_img += len(y) * self.dist.world
-                if bar is not None:
-                    bar.update(1)
-            sched.step()  # after the epoch: stepping before it would shift the whole schedule by one (SPEC §7)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            t_train += time.perf_counter() - te
-            last = float(tot / max(cnt, 1))
-            if bar is not None:
-                bar.set_postfix(loss=f"{last:.3f}", lr=f"{sched.get_last_lr()[0]:.3g}")
-            self.runlog.scalar(f"loss/phase{info.phase}", last, epoch)
-            every = self.cfg.run.checkpoint_every
-            if not head_only and every > 0 and (epoch + 1) % every == 0 and epoch + 1 < epochs:
-                self._save_partial(info.phase, epoch, model, opt, sched)
-        return n_img, t_train, last
 
     def class_balanced_finetune(self, model, teacher, info: PhaseInfo, seed: int) -> None:
         """LUCIR's ImageNet option: train only the head on a class-balanced exemplar set (this phase's new classes
