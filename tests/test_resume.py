@@ -246,3 +246,17 @@ def test_lr_scale_reaches_the_trainer(tmp_path):
 
     plain, scaled = change("none"), change("exemplars")
     assert plain > 0 and scaled > 4 * plain
+
+
+def test_mnemonics_init_random_picks_the_seeded_random_exemplars(tmp_path):
+    """With mnemonics on, mnemonics.init (not memory.selection) chooses the initial exemplars: init=random starts
+    from exactly the images a plain memory.selection=random run keeps, and the log names the selection that ran."""
+    plain = run_trainer(tiny_config(tmp_path, name="plain_random", **{"train.epochs": 1, "train.milestones": [1],
+                                                                      "memory.selection": "random"}))
+    mn = run_trainer(tiny_config(tmp_path, name="mn_random", **{**MN, "mnemonics.init": "random",
+                                                                "memory.selection": "herding"}))
+    assert "selection random, mnemonics full" in mn.stdout
+    assert "selection random" in plain.stdout and "mnemonics" not in plain.stdout.split("memory:")[1].splitlines()[0]
+    assert plain.trainer.memory.ranking.keys() == mn.trainer.memory.ranking.keys()
+    for c, r in plain.trainer.memory.ranking.items():
+        assert torch.equal(r, mn.trainer.memory.ranking[c]), f"class {c}"

@@ -113,8 +113,11 @@ class Trainer:
         self.log(f"protocol: class order seed {cfg.protocol.class_order_seed} (first: {self.order[:10]}), "
                  f"{self.phases.base} base classes + {self.phases.num_phases} phases of {self.phases.per_phase}")
         mem = cfg.memory
+        # with mnemonics on, mnemonics.init picks the initial exemplars (select_exemplars): say which one runs
+        sel = f"selection {cfg.mnemonics.init}, mnemonics {cfg.mnemonics.mode}" if cfg.mnemonics.enabled \
+            else f"selection {mem.selection}"
         self.log(f"memory: {mem.kind} ({f'{mem.per_class} per class' if mem.kind == 'growing' else f'{mem.total} total'}), "
-                 f"selection {mem.selection}{', mnemonics ' + cfg.mnemonics.mode if cfg.mnemonics.enabled else ''}")
+                 f"{sel}")
         small = torch.nonzero(counts < mem.per_class).flatten().tolist()
         if mem.kind == "growing" and small:
             self.log(f"note: {len(small)} classes have fewer training images than memory.per_class={mem.per_class}; "
