@@ -31,47 +31,57 @@ fi
 T0=$SECONDS
 stamp() { echo "[device_all part $PART] $((SECONDS - T0))s: $*"; }
 
+# One device call may run 600 s at most, and the results are packed only at the end. So every step's time limit is
+# capped by what is left of BUDGET (default 575 s: set it to the call's timeout_s minus 25), keeping 20 s for the pack,
+# and a step is skipped when under 10 s would be left for it.
+T_END=$((T0 + ${BUDGET:-575}))
+cap() { local want=$1 left=$((T_END - SECONDS - 20)); [ "$left" -lt "$want" ] && want=$left; echo "$want"; }
+step() {  # step SECONDS LOG COMMAND...: run COMMAND with at most SECONDS (capped), output to LOG
+  local t; t=$(cap "$1"); local log=$2; shift 2
+  if [ $((T_END - SECONDS - 20)) -lt 10 ]; then echo "skipped, device time budget spent: $*"; return; fi
+  timeout "$t" "$@" > "$log" 2>&1 || echo "rc=$? (limit ${t}s): $*"
+}
+
 if [ "$PART" = 1 ]; then
+  # Order = priority: the op benchmarks (quiet GPU) and the CUDA correctness checks first, then the rest.
   stamp "build + op benchmarks on a quiet GPU"
-  OUT="$WORK" SECTIONS="env build bench_cosine bench_sgd" DEADLINE=230 bash bench/device_check.sh > "$WORK/check_a.txt" 2>&1
+  OUT="$WORK" SECTIONS="env build bench_cosine bench_sgd" DEADLINE=$(cap 230) bash bench/device_check.sh \
+    > "$WORK/check_a.txt" 2>&1
   cp "$WORK/summary.txt" "$WORK/summary_a.txt" 2>/dev/null
-  stamp "cosine_linear autograd: C++ vs Python twin (eager host cost)"
-  timeout 40 "$PY" bench/bench_cosine_autograd.py --out "$WORK/cosine_autograd.json" > "$WORK/cosine_autograd.log" 2>&1 \
-    || echo "bench_cosine_autograd rc=$?"
-  stamp "mnemonics outer step benchmark"
-  timeout 130 "$PY" bench/bench_mnemonics.py --sizes 100,1000 --steps 1,5 --modes full,head --repeats 5 --warmup 2 \
-    --out "$WORK/bench_mnemonics.json" > "$WORK/bench_mnemonics.log" 2>&1 || echo "bench_mnemonics rc=$?"
-  stamp "profile of one mnemonics outer step (which kernels)"
-  timeout 60 "$PY" bench/profile_mnemonics_step.py --out "$WORK/profile_mnemonics.txt" > /dev/null 2>&1 \
-    || echo "profile_mnemonics_step rc=$?"
-  stamp "training throughput benchmark: eager vs train.compile, fp32 vs bf16 (resident; dataloader rows measured before)"
-  timeout 200 "$PY" bench/bench_train.py --root "$DATA" --steps 30 --warmup 4 --paths resident --dtypes fp32,bf16 \
-    --compile none,default,reduce-overhead --out "$WORK/bench_train.json" > "$WORK/bench_train.log" 2>&1 \
-    || echo "bench_train rc=$?"
-  stamp "CUDA op tests + compute-sanitizer (correctness; timings above were taken before)"
+  stamp "CUDA op tests + compute-sanitizer"
   mkdir -p "$WORK/check_b"
-  OUT="$WORK/check_b" SECTIONS="test_cuda sanitize" DEADLINE=200 bash bench/device_check.sh > "$WORK/check_b.txt" 2>&1
+  OUT="$WORK/check_b" SECTIONS="test_cuda sanitize" DEADLINE=$(cap 200) bash bench/device_check.sh \
+    > "$WORK/check_b.txt" 2>&1
+  stamp "cosine_linear autograd: C++ vs Python twin (eager host cost)"
+  step 40 "$WORK/cosine_autograd.log" "$PY" bench/bench_cosine_autograd.py --out "$WORK/cosine_autograd.json"
+  stamp "mnemonics outer step benchmark"
+  step 130 "$WORK/bench_mnemonics.log" "$PY" bench/bench_mnemonics.py --sizes 100,1000 --steps 1,5 --modes full,head \
+    --repeats 5 --warmup 2 --out "$WORK/bench_mnemonics.json"
+  stamp "training throughput: eager vs train.compile, fp32 vs bf16 (resident; dataloader rows measured before)"
+  step 200 "$WORK/bench_train.log" "$PY" bench/bench_train.py --root "$DATA" --steps 30 --warmup 4 --paths resident \
+    --dtypes fp32,bf16 --compile none,default,reduce-overhead --out "$WORK/bench_train.json"
+  stamp "profile of one mnemonics outer step (which kernels)"
+  step 60 "$WORK/profile_mnemonics.log" "$PY" bench/profile_mnemonics_step.py --out "$WORK/profile_mnemonics.txt"
   stamp "done"
-  tail -n 6 "$WORK/cosine_autograd.log"
-  tail -n 40 "$WORK/bench_mnemonics.log"
-  tail -n 6 "$WORK/bench_train.log"
+  tail -n 6 "$WORK/cosine_autograd.log" 2>/dev/null
+  tail -n 40 "$WORK/bench_mnemonics.log" 2>/dev/null
+  tail -n 8 "$WORK/bench_train.log" 2>/dev/null
   cat "$WORK/summary_a.txt" 2>/dev/null | head -n 60
   cat "$WORK/check_b/summary.txt" 2>/dev/null | head -n 10
-  grep -E "passed|failed|error" "$WORK/check_b/test_cuda.log" | tail -n 5
+  grep -E "passed|failed|error" "$WORK/check_b/test_cuda.log" 2>/dev/null | tail -n 5
 elif [ "$PART" = 3 ]; then
   stamp "tin100a-32 comparison, more seeds (BEST=beta1,alpha[,lr_scale] from part 2)"
-  timeout 560 "$PY" bench/tin100_experiments.py --root "$DATA" --runs "$WORK/runs" --out "$WORK/tin100_seeds.json" \
-    --logs "$WORK/logs" --epochs "${EPOCHS:-10}" --skip-sweep --best "${BEST:-1,0.01}" --seeds "${SEEDS:-1,2}" \
-    --extra mnemonics.cuda_graph=true > "$WORK/tin100_seeds.log" 2>&1 || echo "tin100 seeds rc=$?"
+  step 560 "$WORK/tin100_seeds.log" "$PY" bench/tin100_experiments.py --root "$DATA" --runs "$WORK/runs" \
+    --out "$WORK/tin100_seeds.json" --logs "$WORK/logs" --epochs "${EPOCHS:-10}" --skip-sweep --best "${BEST:-1,0.01}" \
+    --seeds "${SEEDS:-1,2}" --extra mnemonics.cuda_graph=true
   stamp "done"
   rm -rf "$WORK"/runs/*/checkpoints "$WORK"/runs/*/tensorboard
   tail -n 12 "$WORK/tin100_seeds.log"
 else
   stamp "tin100a-32 experiments"
-  timeout 500 "$PY" bench/tin100_experiments.py --root "$DATA" --runs "$WORK/runs" --out "$WORK/tin100.json" \
-    --logs "$WORK/logs" --epochs "${EPOCHS:-10}" --lrs "${LRS:-0.3,1,3}" --inner-lrs "${ALPHAS:-0.01}" \
-    --scaled-lrs "${SCALED_LRS:-0.01}" \
-    --extra mnemonics.cuda_graph=true > "$WORK/tin100.log" 2>&1 || echo "tin100 rc=$?"
+  step 500 "$WORK/tin100.log" "$PY" bench/tin100_experiments.py --root "$DATA" --runs "$WORK/runs" \
+    --out "$WORK/tin100.json" --logs "$WORK/logs" --epochs "${EPOCHS:-10}" --lrs "${LRS:-0.3,1,3}" \
+    --inner-lrs "${ALPHAS:-0.01}" --scaled-lrs "${SCALED_LRS:-0.01}" --extra mnemonics.cuda_graph=true
   stamp "done"
   rm -rf "$WORK"/runs/*/checkpoints "$WORK"/runs/*/tensorboard
   cat "$WORK/tin100.log" | tail -n 30
