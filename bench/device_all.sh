@@ -16,7 +16,7 @@ PART=${1:-1}
 export OUT=${OUT:-./device_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-WORK=/tmp/mf_device_part$PART
+WORK=${WORK:-/tmp/mf_device_part$PART}
 rm -rf "$WORK"; mkdir -p "$WORK"
 export PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # bench/*.py import the package from the checkout
@@ -24,7 +24,7 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 if ! "$PY" -c "import pytest" > /dev/null 2>&1 && [ -d build/pylibs ]; then
   export PYTHONPATH="$PWD/build/pylibs${PYTHONPATH:+:$PYTHONPATH}"
 fi
-DATA=/tmp/mf_data/tin100a-32
+DATA=${DATA:-/tmp/mf_data/tin100a-32}
 if [ ! -d "$DATA" ] && [ -f .devdata/tin100a-32.tar.xz ]; then
   mkdir -p /tmp/mf_data && tar xJf .devdata/tin100a-32.tar.xz -C /tmp/mf_data
 fi

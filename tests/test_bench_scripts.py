@@ -1,0 +1,71 @@
+"""The GPU scripts, dry-run on the CPU: a device lease is 15 minutes, so a typo in bench/device_all.sh or a flag that a
+benchmark no longer accepts would waste one. Every part runs with a stand-in Python that records its command lines;
+each recorded `bench/*.py` call must name only flags that script's argparse knows."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def _dry_run(tmp_path: Path, part: int) -> list[list[str]]:
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "fakepy"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\x1f" "$@" >> "{calls}"\necho >> "{calls}"\nexit 0\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    data = tmp_path / "data"
+    data.mkdir()
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
+           "DATA": str(data), "BUDGET": "300"}
+    r = subprocess.run(["bash", "bench/device_all.sh", str(part)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (tmp_path / "out" / f"device_part{part}.tgz").is_file(), r.stdout[-2000:]
+    assert "skipped, device time budget spent" not in r.stdout
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    return [[a for a in line.split("\x1f") if a] for line in lines if line]
+
+
+def _flags(argv: list[str]) -> set[str]:
+    return {a.split("=")[0] for a in argv if a.startswith("--")}
+
+
+_HELP: dict[str, str] = {}
+
+
+def _help(script: str) -> str:
+    if script not in _HELP:
+        r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert r.returncode == 0, f"{script} --help failed: {r.stderr[-2000:]}"
+        _HELP[script] = r.stdout
+    return _HELP[script]
+
+
+@pytest.mark.parametrize("part", [1, 2, 3])
+def test_device_all_part_runs_and_calls_benchmarks_with_known_flags(tmp_path, part):
+    calls = _dry_run(tmp_path, part)
+    bench_calls = [c for c in calls if c and re.fullmatch(r"bench/\w+\.py", c[0])]
+    expected = {1: {"bench/bench_cosine_autograd.py", "bench/bench_mnemonics.py", "bench/bench_train.py",
+                    "bench/profile_mnemonics_step.py"},
+                2: {"bench/tin100_experiments.py"}, 3: {"bench/tin100_experiments.py"}}[part]
+    assert {c[0] for c in bench_calls} >= expected, calls
+    for c in bench_calls:
+        assert (ROOT / c[0]).is_file(), c[0]
+        known = set(re.findall(r"--[\w-]+", _help(c[0])))
+        unknown = _flags(c[1:]) - known
+        assert not unknown, f"{c[0]} does not accept {sorted(unknown)} (device_all.sh part {part})"
+    if part == 1:   # the build and the CUDA tests go through device_check.sh with the same Python
+        assert any(c[:2] == ["setup.py", "build_ext"] for c in calls), calls
+        tests = [c for c in calls if c[:2] == ["-m", "pytest"]]
+        assert tests and all((ROOT / a).is_file() for c in tests for a in c if a.startswith("tests/")), tests
