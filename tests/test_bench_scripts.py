@@ -25,9 +25,15 @@ def _dry_run(tmp_path: Path, part: int) -> list[list[str]]:
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     data = tmp_path / "data"
     data.mkdir()
+    # On a copy of the scripts: device_check.sh's build section removes mnemonics_fast/_C*.so before rebuilding,
+    # which must not touch this checkout's (editable-installed) extension.
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "bench", repo / "bench", ignore=shutil.ignore_patterns("results", "__pycache__"))
+    (repo / "tests").mkdir()
+    shutil.copy(ROOT / "tests" / "test_ops_cuda.py", repo / "tests")
     env = {**os.environ, "PYTHON": str(fake), "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
            "DATA": str(data), "BUDGET": "300"}
-    r = subprocess.run(["bash", "bench/device_all.sh", str(part)], cwd=ROOT, env=env, capture_output=True, text=True,
+    r = subprocess.run(["bash", "bench/device_all.sh", str(part)], cwd=repo, env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (tmp_path / "out" / f"device_part{part}.tgz").is_file(), r.stdout[-2000:]
@@ -54,7 +60,9 @@ def _help(script: str) -> str:
 
 @pytest.mark.parametrize("part", [1, 2, 3])
 def test_device_all_part_runs_and_calls_benchmarks_with_known_flags(tmp_path, part):
+    built = sorted(ROOT.glob("mnemonics_fast/_C*"))
     calls = _dry_run(tmp_path, part)
+    assert sorted(ROOT.glob("mnemonics_fast/_C*")) == built    # the checkout's extension is left alone
     bench_calls = [c for c in calls if c and re.fullmatch(r"bench/\w+\.py", c[0])]
     expected = {1: {"bench/bench_cosine_autograd.py", "bench/bench_mnemonics.py", "bench/bench_train.py",
                     "bench/profile_mnemonics_step.py"},
