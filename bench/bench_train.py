@@ -5,8 +5,9 @@
   resident path   : the whole split as uint8 on the GPU, crop/flip batched there (mnemonics_fast's fast path)
 
 each in fp32 and bf16 (autocast, channels_last), and with --compile MODE also with the backbone under torch.compile
-(what train.compile does; the warm-up steps absorb the compile, which is reported apart). Images: the tin100a-32 ImageFolder tree when --root is given (real
-JPEGs, decoded once), else random uint8 images of the same shape. Prints a table and writes JSON.
+(what train.compile does; the warm-up steps absorb the compile, which is reported apart). Images: the tin100a-32
+ImageFolder tree when --root is given (real JPEGs, decoded once), else random uint8 images of the same shape. Prints a
+table and writes JSON.
 
     python bench/bench_train.py --root ~/.cache/mnemonics_fast/tin100a-32 --out bench/results/train_throughput.json
     python bench/bench_train.py --paths resident --compile default      # eager vs torch.compile, side by side

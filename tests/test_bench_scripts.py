@@ -3,6 +3,7 @@ benchmark no longer accepts would waste one. Every part runs with a stand-in Pyt
 each recorded `bench/*.py` call must name only flags that script's argparse knows."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -46,16 +47,12 @@ def _flags(argv: list[str]) -> set[str]:
     return {a.split("=")[0] for a in argv if a.startswith("--")}
 
 
-_HELP: dict[str, str] = {}
-
-
+@functools.cache
 def _help(script: str) -> str:
-    if script not in _HELP:
-        r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert r.returncode == 0, f"{script} --help failed: {r.stderr[-2000:]}"
-        _HELP[script] = r.stdout
-    return _HELP[script]
+    r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, f"{script} --help failed: {r.stderr[-2000:]}"
+    return r.stdout
 
 
 @pytest.mark.parametrize("part", [1, 2, 3])
