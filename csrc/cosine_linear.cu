@@ -65,10 +65,10 @@ int scalar_kind(c10::ScalarType t) {
 // anything else in the entry points: a bad input (e.g. a CPU 0-dim sigma next to CUDA x/weight, which the dispatcher
 // routes here) fails with a readable error before any pointer is taken or any kernel is launched.
 void check_cosine_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& sigma) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [B, D], got shape ", x.sizes());
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [B, D], got shape ", shape_str(x));
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), op, ": weight must be [C, D] with D = x.size(1) = ",
-              x.size(1), ", got shape ", weight.sizes());
-  TORCH_CHECK(sigma.dim() == 0, op, ": sigma must be a 0-dim tensor, got shape ", sigma.sizes());
+              x.size(1), ", got shape ", shape_str(weight));
+  TORCH_CHECK(sigma.dim() == 0, op, ": sigma must be a 0-dim tensor, got shape ", shape_str(sigma));
   TORCH_CHECK(x.is_cuda() && weight.is_cuda() && sigma.is_cuda(), op,
               ": x, weight and sigma must all be CUDA tensors, got ", x.device(), ", ", weight.device(), ", ",
               sigma.device());
@@ -203,9 +203,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_linear_backward_cuda(const
   check_cosine_inputs("cosine_linear_backward", x_in, weight_in, sigma);
   const int64_t B = x_in.size(0), D = x_in.size(1), C = weight_in.size(0);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == B && grad_out.size(1) == C,
-              "cosine_linear_backward: grad_out must be [B, C] = [", B, ", ", C, "], got ", grad_out.sizes());
+              "cosine_linear_backward: grad_out must be [B, C] = [", B, ", ", C, "], got ", shape_str(grad_out));
   TORCH_CHECK(out_in.dim() == 2 && out_in.size(0) == B && out_in.size(1) == C,
-              "cosine_linear_backward: out must be [B, C] = [", B, ", ", C, "], got ", out_in.sizes());
+              "cosine_linear_backward: out must be [B, C] = [", B, ", ", C, "], got ", shape_str(out_in));
   TORCH_CHECK(grad_out.device() == x_in.device() && out_in.device() == x_in.device(),
               "cosine_linear_backward: grad_out and out must be on ", x_in.device(), ", got ", grad_out.device(),
               " and ", out_in.device());

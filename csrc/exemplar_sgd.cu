@@ -46,8 +46,8 @@ void check_sgd_tensor(const char* list, size_t i, const at::Tensor& t, const at:
               t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), "exemplar_sgd_step_: ", list, "[", i,
               "] must be contiguous (keep exemplars in one contiguous bank, see docs/kernels.md)");
-  TORCH_CHECK(t.sizes() == param.sizes(), "exemplar_sgd_step_: ", list, "[", i, "] has shape ", t.sizes(),
-              " but params[", i, "] has shape ", param.sizes());
+  TORCH_CHECK(t.sizes() == param.sizes(), "exemplar_sgd_step_: ", list, "[", i, "] has shape ", shape_str(t),
+              " but params[", i, "] has shape ", shape_str(param));
 }
 
 }  // namespace

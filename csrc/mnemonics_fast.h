@@ -1,11 +1,17 @@
 // Declarations shared by the extension's translation units (ops.cpp, cosine_linear.cu, exemplar_sgd.cu).
 #pragma once
 
+#include <string>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
 
 namespace mnemonics_fast {
+
+// "[4, 8]": a tensor's shape for error messages, built with std::to_string in ops.cpp (host compiler). The .cu files
+// never stream an IntArrayRef into TORCH_CHECK: on the H200 test machine (torch 2.11, gVisor) exactly those checks
+// crashed the process (SIGSEGV while raising) instead of raising, while checks naming dtypes or devices raised fine.
+std::string shape_str(const at::Tensor& t);
 
 // ---- cosine_linear (cosine_linear.cu) ---------------------------------------------------------------------------
 at::Tensor cosine_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& sigma);

@@ -23,6 +23,19 @@ TORCH_LIBRARY(mnemonics_fast, m) {
         {at::Tag::pt2_compliant_tag});
 }
 
+namespace mnemonics_fast {
+
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (d > 0) s += ", ";
+    s += std::to_string(t.size(d));
+  }
+  return s + "]";
+}
+
+}  // namespace mnemonics_fast
+
 namespace {
 
 PyObject* build_info(PyObject*, PyObject*) {

@@ -246,6 +246,29 @@ def test_model_head_uses_the_op():
 
 
 # ---- extension, environment switches, info ---------------------------------------------------------------------------
+def test_python_list_limit_matches_the_kernel_header():
+    """exemplar_sgd_step_ refuses long lists under CUDA graph capture in Python, before the kernel: its limit must be
+    the kernel's argument-table size."""
+    import re
+
+    from mnemonics_fast.ops.exemplar_sgd import MAX_ARG_TENSORS
+    with open(os.path.join(ROOT, "csrc", "exemplar_sgd_kernels.cuh")) as f:
+        m = re.search(r"constexpr int kMaxArgTensors = (\d+);", f.read())
+    assert m and int(m.group(1)) == MAX_ARG_TENSORS
+
+
+def test_no_intarrayref_streamed_into_checks_in_cuda_sources():
+    """Shapes in the .cu files' error messages go through shape_str (ops.cpp): streaming x.sizes() into TORCH_CHECK
+    there crashed the process on the H200 test machine instead of raising."""
+    import re
+
+    for name in ("cosine_linear.cu", "exemplar_sgd.cu"):
+        with open(os.path.join(ROOT, "csrc", name)) as f:
+            text = f.read()
+        for check in re.findall(r"TORCH_CHECK\((.*?)\);", text, flags=re.S):
+            assert ".sizes())" not in check and not re.search(r",\s*\w+\.sizes\(\)\s*(,|$)", check), (name, check)
+
+
 def test_python_schemas_match_the_extension():
     if not ext._so_files():
         pytest.skip("extension not built")

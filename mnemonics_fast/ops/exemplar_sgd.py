@@ -36,6 +36,11 @@ if not ext.KERNELS:
     ext.impl_lib.impl("exemplar_sgd_step_", _exemplar_sgd_step_cuda_fallback, "CUDA")
 
 
+# Lists up to this long travel in the kernel arguments (csrc/exemplar_sgd_kernels.cuh, kMaxArgTensors); longer ones
+# upload a pointer table from host memory, which a CUDA graph cannot capture.
+MAX_ARG_TENSORS = 64
+
+
 def _increment_versions(tensors) -> None:
     torch.autograd.graph.increment_version(tensors)
 
@@ -98,6 +103,13 @@ def exemplar_sgd_step_(params: Sequence[torch.Tensor] | torch.Tensor, grads: Seq
                          f"{len(params)}, {len(grads)} and {len(momentum_buffers)}")
     if len(params) == 0:
         return
+    if (len(params) > MAX_ARG_TENSORS and params[0].is_cuda and ext.KERNELS
+            and torch.cuda.is_current_stream_capturing()):
+        # Said here, before the kernel is called: on the H200 test machine an error raised from inside the
+        # extension during stream capture crashed the process (tests/test_ops_cuda.py). The C++ check stays as backstop.
+        raise RuntimeError(f"exemplar_sgd_step_: a list of {len(params)} tensors (more than {MAX_ARG_TENSORS}) uploads "
+                           "its pointer table from host memory and cannot be captured in a CUDA graph; pass the "
+                           f"exemplars as one bank tensor (or at most {MAX_ARG_TENSORS} tensors)")
     with torch.no_grad():
         _op(params, grads, momentum_buffers, float(lr), float(momentum), float(weight_decay), float(clamp_min),
             float(clamp_max))
