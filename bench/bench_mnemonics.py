@@ -5,6 +5,8 @@
   eager       : mnemonics_fast.methods.mnemonics.ExemplarOptimiser, the default-correct oracle path.
   eager+chunk : the same with exemplar_chunk (reverse sweep, one chunk's second-order graph alive): the memory option.
   graph       : cuda_graph=True: the whole gradient computation of one outer step captured once and replayed.
+  graph+nolean: graph with mnemonics.lean_conv_grad=false: PyTorch's own conv double backward, which also computes
+                the (unused) weight-gradient convolutions with [C, M, H, W] kernels (methods/lean_conv.py).
   graph+bf16  : cuda_graph=True, autocast_dtype=bfloat16 for the model's forward passes.
 
 Setting: ResNet-32, CIFAR-100 B50 phase 1 (50 old frozen rows + 10 new), exemplars of the 10 new classes (M in
@@ -123,7 +125,8 @@ def run_variant(name, mode, m, steps, args, device, ref_grad):
         else:
             opt = ExemplarOptimiser(model, bank, labels, mode=mode, cuda_graph="graph" in name,
                                     autocast_dtype=torch.bfloat16 if "bf16" in name else None,
-                                    exemplar_chunk=args.chunk if "chunk" in name else None, **kw)
+                                    exemplar_chunk=args.chunk if "chunk" in name else None,
+                                    lean_conv="nolean" not in name, **kw)
             first = opt.grad(qx, qy)[0].clone()
             times = Timer(device)(lambda: opt.step(qx, qy), args.warmup, args.repeats)
             row["graph_active"] = opt.cuda_graph  # False if the capture failed and it fell back to eager
@@ -161,7 +164,9 @@ def main() -> None:
     ap.add_argument("--sizes", default="100,1000", help="exemplar counts M")
     ap.add_argument("--steps", default="1,5", help="inner steps T")
     ap.add_argument("--modes", default="full,head")
-    ap.add_argument("--variants", default="naive,eager,eager+chunk,graph,graph+bf16")
+    ap.add_argument("--variants", default="naive,eager,eager+chunk,graph,graph+nolean,graph+bf16",
+                    help="+chunk: exemplar_chunk; +bf16: autocast; +nolean: torch's own conv double backward "
+                         "(mnemonics.lean_conv_grad=false) for the A/B")
     ap.add_argument("--query", type=int, default=128)
     ap.add_argument("--image", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=250, help="exemplar_chunk of the +chunk variant")

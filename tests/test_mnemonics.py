@@ -462,3 +462,81 @@ def test_proto_rejects_class_means_of_the_wrong_size():
     with pytest.raises(ValueError, match="num_classes"):
         optimise_exemplars(model, ex, torch.tensor([4, 5]), (qx, qy), mode="proto", inner_lr=0.0, inner_steps=1,
                            outer_steps=1, lr=0.1, class_means=torch.randn(NUM_OLD, 64, dtype=ex.dtype))
+
+
+# ---- lean_conv: the second-order pass without the unneeded weight-gradient convolutions -------------------------
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from mnemonics_fast.methods.lean_conv import lean_conv2d, lean_second_order_convs  # noqa: E402
+
+
+@pytest.mark.parametrize("stride,padding,groups,bias,size", [(1, 1, 1, True, 7), (2, 1, 2, False, 9),
+                                                              (2, 0, 1, True, 8)])
+def test_lean_conv2d_gradcheck_and_gradgradcheck(stride, padding, groups, bias, size):
+    """Odd and even sizes with stride 2 exercise the output_padding of the transposed convolution."""
+    g = torch.Generator().manual_seed(size)
+    x = torch.randn(3, 4, size, size, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4 // groups, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    f = lambda x, w, *b: lean_conv2d(x, w, b[0] if b else None, stride, padding, 1, groups)  # noqa: E731
+    args = (x, w) + ((b,) if bias else ())
+    torch.testing.assert_close(f(*args), F.conv2d(x, w, b, stride, padding, 1, groups), rtol=0, atol=0)
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("mode,steps,chunk", [("full", 1, None), ("full", 2, None), ("full", 2, 4),
+                                              ("first_order", 2, None)])
+def test_lean_conv_exemplar_gradient_equals_torchs(mode, steps, chunk):
+    model = make_model()
+    ex, ey, qx, qy = make_data(m=7)
+    grads = []
+    for lean in (False, True):
+        with ExemplarOptimiser(model, ex, ey, mode=mode, inner_lr=0.05, inner_steps=steps, lr=1.0, lean_conv=lean,
+                               exemplar_chunk=chunk) as opt:
+            grads.append(opt.grad(qx, qy)[0])
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-14)
+    assert not any("_conv_forward" in m.__dict__ for m in model.modules()), "the switch must be undone"
+
+
+class _BigKernelConvs(TorchDispatchMode):
+    """Counts aten.convolution calls whose kernel is as large as its input: the [C, M, H, W] weight-gradient
+    convolutions of torch's conv double backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.convolution.default, torch.ops.aten._convolution.default):
+            x, w = args[0], args[1]
+            if w.dim() == 4 and w.shape[2] > 3 and w.shape[2:] == x.shape[2:]:
+                self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_lean_conv_skips_the_weight_gradient_convolutions():
+    model = make_model(dtype=torch.float32)
+    ex, ey, qx, qy = make_data(dtype=torch.float32, m=5)
+    counts = {}
+    for lean in (False, True):
+        with ExemplarOptimiser(model, ex, ey, mode="full", inner_lr=0.05, inner_steps=1, lr=1.0,
+                               lean_conv=lean) as opt, _BigKernelConvs() as seen:
+            opt.grad(qx, qy)
+        counts[lean] = seen.n
+    assert counts[False] > 0 and counts[True] == 0, counts
+
+
+def test_lean_conv_under_autocast_keeps_float32_gradients():
+    model = make_model(dtype=torch.float32)
+    ex, ey, qx, qy = make_data(dtype=torch.float32, m=5)
+    with lean_second_order_convs(model) as n:
+        assert n == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    grads = []
+    for lean in (False, True):
+        with ExemplarOptimiser(model, ex, ey, mode="full", inner_lr=0.05, inner_steps=2, lr=1.0, lean_conv=lean,
+                               autocast_dtype=torch.bfloat16) as opt:
+            grads.append(opt.grad(qx, qy)[0])
+    assert grads[1].dtype == torch.float32 and torch.isfinite(grads[1]).all()
+    assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 0.05

@@ -38,6 +38,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .. import ops
+from .lean_conv import lean_second_order_convs
 
 MODES = ("full", "head", "first_order", "proto")
 LR_SCALES = ("none", "exemplars")
@@ -203,8 +204,9 @@ class _ExemplarGrad:
 
     def __init__(self, model: nn.Module, labels: torch.Tensor, *, mode: str, inner_lr: float, inner_steps: int,
                  num_classes: int | None, fixed: Batch | None, class_means: torch.Tensor | None,
-                 chunk: int | None, autocast_dtype: torch.dtype | None):
+                 chunk: int | None, autocast_dtype: torch.dtype | None, lean_conv: bool = True):
         self.model, self.mode, self.chunk = model, mode, chunk
+        self.lean_conv = bool(lean_conv)
         self.alpha, self.T = float(inner_lr), int(inner_steps)
         self.M = labels.numel()
         self.fixed_x = None if fixed is None else fixed[0].detach()
@@ -275,9 +277,11 @@ class _ExemplarGrad:
             return self._head(bank, qx, qy)
         if self.mode == "proto":
             return self._proto(bank, qx, qy)
-        if self.chunk is None:
-            return self._full_unrolled(bank, qx, qy)
-        return self._full_reverse(bank, qx, qy)
+        # full / first_order differentiate every convolution's backward: lean_conv.py says why this is cheaper
+        with lean_second_order_convs(self.module, self.lean_conv):
+            if self.chunk is None:
+                return self._full_unrolled(bank, qx, qy)
+            return self._full_reverse(bank, qx, qy)
 
     def _full_unrolled(self, bank, qx, qy):
         x = bank if self.fixed_x is None else torch.cat([bank, self.fixed_x])
@@ -441,7 +445,7 @@ class ExemplarOptimiser:
                  num_classes: int | None = None, fixed_exemplars: Batch | None = None,
                  class_means: torch.Tensor | None = None, exemplar_chunk: int | None = None,
                  cuda_graph: bool = False, autocast_dtype: torch.dtype | None = None, process_group=None,
-                 lr_scale: str = "none", debug: bool = False):
+                 lr_scale: str = "none", debug: bool = False, lean_conv: bool = True):
         if mode not in MODES:
             raise ValueError(f"mnemonics mode must be one of {MODES}, got {mode!r}")
         if lr_scale not in LR_SCALES:
@@ -484,7 +488,7 @@ class ExemplarOptimiser:
         self._fn = _ExemplarGrad(self.model, labels.detach().to(self.bank.device), mode=mode, inner_lr=inner_lr,
                                  inner_steps=inner_steps if inner_steps is not None else 1,
                                  num_classes=num_classes, fixed=fixed_exemplars, class_means=class_means,
-                                 chunk=exemplar_chunk, autocast_dtype=autocast_dtype)
+                                 chunk=exemplar_chunk, autocast_dtype=autocast_dtype, lean_conv=lean_conv)
         self._graph: _GraphedGrad | None = None
         self._warned_shape = False
         # lr_scale="exemplars": beta is per exemplar. dL_val/dE_j carries the inner loss's 1/N (N exemplars in its
@@ -590,7 +594,7 @@ def optimise_exemplars(model: nn.Module, exemplars: torch.Tensor, labels: torch.
                        process_group=None, progress: bool = False, fixed_exemplars: Batch | None = None,
                        class_means: torch.Tensor | None = None, exemplar_chunk: int | None = None,
                        cuda_graph: bool = False, autocast_dtype: torch.dtype | None = None,
-                       lr_scale: str = "none", debug: bool = False) -> torch.Tensor:
+                       lr_scale: str = "none", debug: bool = False, lean_conv: bool = True) -> torch.Tensor:
     """Mnemonics exemplar level (SPEC §5 (b)): `outer_steps` bilevel steps on the exemplar pixels; returns new pixels.
 
     model: IncrementalNet (or DDP around one; the inner module is used). Any nn.Module whose forward(x) returns the
@@ -622,6 +626,8 @@ def optimise_exemplars(model: nn.Module, exemplars: torch.Tensor, labels: torch.
     cuda_graph: capture one outer step's gradient computation in a CUDA graph (static shapes: fixed query batch
       size), replayed per step; the eager path is the oracle. autocast_dtype: e.g. torch.bfloat16 for the model's
       forward passes (off by default; the loss and the pixels stay float32).
+    lean_conv: full/first_order differentiate through nn.Conv2d backwards written so that the second-order pass skips
+      the weight-gradient convolutions it does not need (methods/lean_conv.py; same numbers up to rounding).
     progress: a tqdm bar with the latest validation loss. Returns the optimised pixels [M, 3, H, W] (detached).
     """
     next_batch = _batch_source(query)
@@ -629,7 +635,7 @@ def optimise_exemplars(model: nn.Module, exemplars: torch.Tensor, labels: torch.
                            momentum=momentum, weight_decay=weight_decay, num_classes=num_classes,
                            fixed_exemplars=fixed_exemplars, class_means=class_means, exemplar_chunk=exemplar_chunk,
                            cuda_graph=cuda_graph, autocast_dtype=autocast_dtype, process_group=process_group,
-                           lr_scale=lr_scale, debug=debug) as opt:
+                           lr_scale=lr_scale, debug=debug, lean_conv=lean_conv) as opt:
         bar = None
         if progress:
             from tqdm import tqdm
@@ -671,7 +677,7 @@ def adjust_old_exemplars(model: nn.Module, bank: torch.Tensor, labels: torch.Ten
                          num_classes: int | None = None, class_means: torch.Tensor | None = None,
                          process_group=None, exemplar_chunk: int | None = None, cuda_graph: bool = False,
                          autocast_dtype: torch.dtype | None = None, progress: bool = False,
-                         lr_scale: str = "none", debug: bool = False) -> torch.Tensor:
+                         lr_scale: str = "none", debug: bool = False, lean_conv: bool = True) -> torch.Tensor:
     """SPEC §5 (c): adjust exemplars of earlier classes with the exemplars themselves as the validation set.
 
     bank [M, 3, H, W] / labels [M]: ALL seen classes' exemplars (the new classes' too, for balance). Every class is
@@ -711,5 +717,5 @@ def adjust_old_exemplars(model: nn.Module, bank: torch.Tensor, labels: torch.Ten
             outer_steps=outer_steps, lr=lr, momentum=momentum, weight_decay=weight_decay, num_classes=num_classes,
             process_group=group if world > 1 else None, progress=progress, fixed_exemplars=fixed,
             class_means=class_means, exemplar_chunk=exemplar_chunk, cuda_graph=cuda_graph,
-            autocast_dtype=autocast_dtype, lr_scale=lr_scale, debug=debug)
+            autocast_dtype=autocast_dtype, lr_scale=lr_scale, debug=debug, lean_conv=lean_conv)
     return out

@@ -590,7 +590,7 @@ class Trainer:
         return state["phase"] + 1
 
     # Fields that change speed or logging only: they may differ across resume and branch.
-    _RESULT_NEUTRAL = {"data": {"num_workers", "cache_dir"}, "mnemonics": {"cuda_graph", "exemplar_chunk"},
+    _RESULT_NEUTRAL = {"data": {"num_workers", "cache_dir"}, "mnemonics": {"cuda_graph", "exemplar_chunk", "lean_conv_grad"},
                        "train": {"eval_batch_size", "cudnn_benchmark", "compile"}}
 
     def _check_same(self, state: dict, path: Path, sections, what: str, hint: str) -> None:
