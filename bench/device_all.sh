@@ -6,6 +6,8 @@
 #   bash bench/device_all.sh 2   # ~5 min: tin100a-32 real-data runs (mnemonics sweep; random vs herding vs mnemonics)
 #   bash bench/device_all.sh 3   # ~8 min: the comparison for seeds 1 and 2 (BEST=beta1,alpha[,lr_scale] from part 2), for a
 #                                #         later lease: parts 1 + 2 fill one 15-minute lease
+#   bash bench/device_all.sh 4   # ~4 min: re-verify after the 2026-11-26 H200 run (build, CUDA op tests, sanitizers) and
+#                                #         measure lean_conv (mnemonics step graph vs graph+nolean); parts 4 + 2 fit a lease
 #
 # Needs the development set as .devdata/tin100a-32.tar.xz (git-ignored; copy it from ../shared/data) for part 1's
 # training benchmark and for part 2. Everything is written under $WORK and packed into $OUT/device_part<N>.tgz
@@ -69,6 +71,23 @@ if [ "$PART" = 1 ]; then
   cat "$WORK/summary_a.txt" 2>/dev/null | head -n 60
   cat "$WORK/check_b/summary.txt" 2>/dev/null | head -n 10
   grep -E "passed|failed|error" "$WORK/check_b/test_cuda.log" 2>/dev/null | tail -n 5
+elif [ "$PART" = 4 ]; then
+  stamp "build + CUDA op tests + compute-sanitizer (the 6 crash fixes, a complete sanitizer pass)"
+  OUT="$WORK" SECTIONS="env build test_cuda sanitize" DEADLINE=$(cap 200) bash bench/device_check.sh \
+    > "$WORK/check.txt" 2>&1
+  stamp "cosine_linear autograd: C++ vs Python twin (eager host cost)"
+  step 40 "$WORK/cosine_autograd.log" "$PY" bench/bench_cosine_autograd.py --out "$WORK/cosine_autograd.json"
+  stamp "mnemonics outer step: lean_conv (graph) vs torch's conv double backward (graph+nolean)"
+  step 100 "$WORK/bench_mnemonics.log" "$PY" bench/bench_mnemonics.py --sizes 100,1000 --steps 1,5 --modes full \
+    --variants naive,eager,graph,graph+nolean,graph+bf16 --repeats 5 --warmup 2 --out "$WORK/bench_mnemonics.json"
+  stamp "profile of one mnemonics outer step (lean_conv on)"
+  step 40 "$WORK/profile_mnemonics.log" "$PY" bench/profile_mnemonics_step.py --out "$WORK/profile_mnemonics.txt"
+  stamp "done"
+  tail -n 4 "$WORK/cosine_autograd.log" 2>/dev/null
+  tail -n 24 "$WORK/bench_mnemonics.log" 2>/dev/null
+  cat "$WORK/summary.txt" 2>/dev/null | head -n 12
+  grep -E "passed|failed|error" "$WORK/test_cuda.log" 2>/dev/null | tail -n 8
+  grep -E "SUMMARY|all launch paths" "$WORK/sanitize.log" 2>/dev/null
 elif [ "$PART" = 3 ]; then
   stamp "tin100a-32 comparison, more seeds (BEST=beta1,alpha[,lr_scale] from part 2)"
   step 560 "$WORK/tin100_seeds.log" "$PY" bench/tin100_experiments.py --root "$DATA" --runs "$WORK/runs" \
