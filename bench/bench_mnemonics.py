@@ -66,9 +66,9 @@ def naive_outer_step(model, bank, labels, qx, qy, buf, *, mode, inner_lr, inner_
     return new, g_bank
 
 
-def make_problem(m: int, hw: int, query: int, device):
+def make_problem(m: int, hw: int, query: int, device, arch: str = "resnet32"):
     torch.manual_seed(0)
-    model = build_model("resnet32", MEAN, STD, num_classes=NUM_OLD).to(device)
+    model = build_model(arch, MEAN, STD, num_classes=NUM_OLD).to(device)
     model.grow(NUM_NEW)
     model.to(device)
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -103,7 +103,7 @@ class Timer:
 
 
 def run_variant(name, mode, m, steps, args, device, ref_grad):
-    model, bank, labels, qx, qy = make_problem(m, args.image, args.query, device)
+    model, bank, labels, qx, qy = make_problem(m, args.image, args.query, device, args.arch)
     kw = dict(inner_lr=args.inner_lr, inner_steps=steps, lr=args.lr, momentum=0.9)
     cuda = device.type == "cuda"
     if cuda:
@@ -111,7 +111,8 @@ def run_variant(name, mode, m, steps, args, device, ref_grad):
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    row = {"variant": name, "mode": mode, "M": m, "T": steps, "query": args.query, "image": args.image}
+    row = {"variant": name, "mode": mode, "M": m, "T": steps, "query": args.query, "image": args.image,
+           "arch": args.arch}
     try:
         if name == "naive":
             state = {"bank": bank, "buf": torch.zeros_like(bank)}
@@ -169,6 +170,8 @@ def main() -> None:
                          "(mnemonics.lean_conv_grad=false) for the A/B")
     ap.add_argument("--query", type=int, default=128)
     ap.add_argument("--image", type=int, default=32)
+    ap.add_argument("--arch", default="resnet32", choices=["resnet32", "resnet18"],
+                    help="resnet18 with --image 224: the ImageNet-size memory check (use +chunk variants)")
     ap.add_argument("--chunk", type=int, default=250, help="exemplar_chunk of the +chunk variant")
     ap.add_argument("--inner-lr", type=float, default=0.01)
     ap.add_argument("--lr", type=float, default=0.01)
@@ -188,7 +191,7 @@ def main() -> None:
               "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(device),
               "threads": torch.get_num_threads(), "ops": ops.backend_info(), "args": vars(args),
-              "setting": f"ResNet-32, {NUM_OLD} old + {NUM_NEW} new classes, query {args.query}, "
+              "setting": f"{args.arch}, {NUM_OLD} old + {NUM_NEW} new classes, query {args.query}, "
                          f"{args.image}x{args.image} pixels"}
     print(f"# mnemonics outer step | {card} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
           f"{header['setting']} | median of {args.repeats} after {args.warmup} warm-up")

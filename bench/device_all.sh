@@ -6,8 +6,9 @@
 #   bash bench/device_all.sh 2   # ~5 min: tin100a-32 real-data runs (mnemonics sweep; random vs herding vs mnemonics)
 #   bash bench/device_all.sh 3   # ~8 min: the comparison for seeds 1 and 2 (BEST=beta1,alpha[,lr_scale] from part 2), for a
 #                                #         later lease: parts 1 + 2 fill one 15-minute lease
-#   bash bench/device_all.sh 4   # ~4 min: re-verify after the 2026-11-26 H200 run (build, CUDA op tests, sanitizers) and
-#                                #         measure lean_conv (mnemonics step graph vs graph+nolean); parts 4 + 2 fit a lease
+#   bash bench/device_all.sh 4   # ~5 min: re-verify after the 2026-11-26 H200 run (build, CUDA op tests, sanitizers),
+#                                #         measure lean_conv (mnemonics step graph vs graph+nolean) and the 224x224
+#                                #         ResNet-18 step's peak memory; parts 4 + 2 fit one lease
 #
 # Needs the development set as .devdata/tin100a-32.tar.xz (git-ignored; copy it from ../shared/data) for part 1's
 # training benchmark and for part 2. Everything is written under $WORK and packed into $OUT/device_part<N>.tgz
@@ -80,11 +81,16 @@ elif [ "$PART" = 4 ]; then
   stamp "mnemonics outer step: lean_conv (graph) vs torch's conv double backward (graph+nolean)"
   step 100 "$WORK/bench_mnemonics.log" "$PY" bench/bench_mnemonics.py --sizes 100,1000 --steps 1,5 --modes full \
     --variants naive,eager,graph,graph+nolean,graph+bf16 --repeats 5 --warmup 2 --out "$WORK/bench_mnemonics.json"
+  stamp "mnemonics outer step at ImageNet size: ResNet-18, 224x224, peak memory unrolled vs chunked"
+  step 70 "$WORK/bench_mnemonics_224.log" "$PY" bench/bench_mnemonics.py --arch resnet18 --image 224 --sizes 100 \
+    --steps 1 --modes full,head --variants eager,eager+chunk --chunk 25 --query 64 --repeats 3 --warmup 1 \
+    --out "$WORK/bench_mnemonics_224.json"
   stamp "profile of one mnemonics outer step (lean_conv on)"
   step 40 "$WORK/profile_mnemonics.log" "$PY" bench/profile_mnemonics_step.py --out "$WORK/profile_mnemonics.txt"
   stamp "done"
   tail -n 4 "$WORK/cosine_autograd.log" 2>/dev/null
   tail -n 24 "$WORK/bench_mnemonics.log" 2>/dev/null
+  tail -n 6 "$WORK/bench_mnemonics_224.log" 2>/dev/null
   cat "$WORK/summary.txt" 2>/dev/null | head -n 12
   grep -E "passed|failed|error" "$WORK/test_cuda.log" 2>/dev/null | tail -n 8
   grep -E "SUMMARY|all launch paths" "$WORK/sanitize.log" 2>/dev/null
