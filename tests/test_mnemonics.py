@@ -540,3 +540,21 @@ def test_lean_conv_under_autocast_keeps_float32_gradients():
             grads.append(opt.grad(qx, qy)[0])
     assert grads[1].dtype == torch.float32 and torch.isfinite(grads[1]).all()
     assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 0.05
+
+
+def test_lean_conv_covers_weight_transfer_convs():
+    """With model.weight_transfer the convs are TransferConv2d (frozen kernel x learnable scale): lean there too."""
+    from mnemonics_fast.models.transfer import TransferConv2d, apply_weight_transfer
+    model = make_model()
+    assert apply_weight_transfer(model.backbone if hasattr(model, "backbone") else model) > 0
+    ex, ey, qx, qy = make_data(m=5)
+    with lean_second_order_convs(model) as n:
+        assert n == sum(isinstance(m, TransferConv2d) for m in model.modules()) > 0
+    grads, counts = [], []
+    for lean in (False, True):
+        with ExemplarOptimiser(model, ex, ey, mode="full", inner_lr=0.05, inner_steps=2, lr=1.0,
+                               lean_conv=lean) as opt, _BigKernelConvs() as seen:
+            grads.append(opt.grad(qx, qy)[0])
+        counts.append(seen.n)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-14)
+    assert counts[0] > 0 and counts[1] == 0, counts

@@ -15,7 +15,8 @@ so the double backward is three ordinary convolutions plus, only when a weight g
 `full` mode), an ordinary weight-gradient convolution. The forward is F.conv2d itself; the first backward gives the
 same numbers as PyTorch's up to float rounding (float64 tests: tests/test_mnemonics.py).
 
-`lean_second_order_convs(module)` switches every zero-padded nn.Conv2d inside `module` to it for the duration of a
+`lean_second_order_convs(module)` switches every zero-padded nn.Conv2d (and weight-transfer TransferConv2d) inside
+`module` to it for the duration of a
 `with` block (instance attribute over `Conv2d._conv_forward`, removed on exit): no cost when not in use, no change to
 parameters, state_dict or hooks. `mnemonics.lean_conv_grad` (default true) turns it off for A/B checks.
 """
@@ -27,6 +28,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..models.transfer import TransferConv2d
 
 
 def _pair(v) -> tuple[int, int]:
@@ -82,8 +85,10 @@ def _lean_conv_forward(self: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, b
 
 
 def _eligible(m: nn.Module) -> bool:
-    return (type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-            and "_conv_forward" not in m.__dict__)
+    if "_conv_forward" in m.__dict__ or isinstance(getattr(m, "padding", None), str):
+        return False
+    # TransferConv2d: the weight-transfer conv (frozen kernel x learnable scale), the same F.conv2d underneath
+    return (type(m) is nn.Conv2d and m.padding_mode == "zeros") or type(m) is TransferConv2d
 
 
 @contextlib.contextmanager

@@ -18,10 +18,14 @@ class TransferConv2d(nn.Module):
         # The frozen phase-0 kernel is a buffer: it is saved, moved and broadcast with the model, never trained.
         self.register_buffer("frozen_weight", conv.weight.detach().clone())
         self.scale = nn.Parameter(torch.ones(conv.out_channels, conv.in_channels, 1, 1, device=conv.weight.device))
-        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, 1
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # a separate method, as in nn.Conv2d, so the exemplar level can swap in its lean second-order convolution
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.frozen_weight * self.scale, None, self.stride, self.padding, self.dilation)
+        return self._conv_forward(x, self.frozen_weight * self.scale, None)
 
 
 def apply_weight_transfer(module: nn.Module) -> int:
