@@ -73,8 +73,8 @@ if [ "$PART" = 1 ]; then
   cat "$WORK/check_b/summary.txt" 2>/dev/null | head -n 10
   grep -E "passed|failed|error" "$WORK/check_b/test_cuda.log" 2>/dev/null | tail -n 5
 elif [ "$PART" = 4 ]; then
-  stamp "build + CUDA op tests + compute-sanitizer (the 6 crash fixes, a complete sanitizer pass)"
-  OUT="$WORK" SECTIONS="env build test_cuda sanitize" DEADLINE=$(cap 200) bash bench/device_check.sh \
+  stamp "build, CUDA op tests, compute-sanitizer (the 6 crash fixes, a full sanitizer pass), cosine bench (eager rule)"
+  OUT="$WORK" SECTIONS="env build test_cuda sanitize bench_cosine" DEADLINE=$(cap 230) bash bench/device_check.sh \
     > "$WORK/check.txt" 2>&1
   stamp "cosine_linear autograd: C++ vs Python twin (eager host cost)"
   step 40 "$WORK/cosine_autograd.log" "$PY" bench/bench_cosine_autograd.py --out "$WORK/cosine_autograd.json"
