@@ -113,6 +113,8 @@ class MnemonicsConfig:
     cuda_graph: bool = False       # CUDA: replay one outer step's gradient computation as a CUDA graph
     lean_conv_grad: bool = True    # full/first_order: conv backwards whose 2nd-order pass skips unneeded weight-grad
                                    # convolutions (methods/lean_conv.py); same numbers up to rounding, false = torch's
+    shard_inner: bool = False      # DDP, full/first_order: split the inner loop's exemplars over the ranks (inner
+                                   # gradient all-reduced) instead of replicating it; same result up to rounding
 
 
 @dataclass

@@ -143,6 +143,30 @@ def test_torchrun_cli(tmp_path):
     assert metrics["world_size"] == 2 and len(metrics["top1"]["nme"]) == 3
 
 
+def test_torchrun_mnemonics_shard_inner(tmp_path):
+    """The trainer's mnemonics exemplar level with mnemonics.shard_inner under torchrun (2 gloo ranks): runs through
+    (b) and (c) every phase; MNEMONICS_FAST_DEBUG=1 makes every optimisation assert the ranks' banks bit-identical
+    before its final broadcast."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import cli_env, overrides
+
+    out = tmp_path / "runs"
+    args = overrides(**{"run.output_dir": str(out), "run.name": "shard", "train.epochs": 1, "train.milestones": [],
+                        "mnemonics.enabled": True, "mnemonics.shard_inner": True, "mnemonics.inner_steps": 2,
+                        "mnemonics.outer_steps": 2, "mnemonics.old_outer_steps": 1, "mnemonics.query_batch_size": 8})
+    env = dict(cli_env(), MNEMONICS_FAST_DEBUG="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "mnemonics_fast.train", *args], cwd=str(tmp_path), env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "mnemonics full (inner loop sharded over 2 ranks)" in r.stdout and r.stdout.count("mnemonics (b)") == 3
+    metrics = json.loads((out / "shard" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and len(metrics["top1"]["nme"]) == 3
+
+
 def test_exit_process_after_distributed(tmp_path):
     """exit_process after a gloo run with DDP: keeps the exit code, runs the atexit handlers and flushes what was
     printed (it skips only the interpreter's C-level teardown, where torch 2.14's gloo workers can abort)."""

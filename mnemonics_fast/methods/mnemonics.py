@@ -187,8 +187,39 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _ranges(n: int, chunk: int | None) -> list[tuple[int, int]]:
+    if n <= 0:
+        return []
     step = n if not chunk else max(1, int(chunk))
     return [(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """SUM all-reduce with a gradient: the backward of y = sum_r x_r (y on every rank) is the SUM all-reduce of the
+    ranks' output gradients. Used once per inner step by the sharded unrolled engine; never differentiated twice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        y = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        gx = gy.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=ctx.group)
+        return gx, None
+
+
+def _allreduce_list(ts: Sequence[torch.Tensor], group, differentiable: bool = False) -> list[torch.Tensor]:
+    """SUM over ranks of a list of tensors in ONE collective (flattened), shapes restored."""
+    flat = torch.cat([t.reshape(-1) for t in ts])
+    if differentiable:
+        flat = _AllReduceSum.apply(flat, group)
+    else:
+        flat = flat.contiguous()
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    return [piece.view_as(t) for piece, t in zip(flat.split([t.numel() for t in ts]), ts)]
 
 
 class _ExemplarGrad:
@@ -204,9 +235,14 @@ class _ExemplarGrad:
 
     def __init__(self, model: nn.Module, labels: torch.Tensor, *, mode: str, inner_lr: float, inner_steps: int,
                  num_classes: int | None, fixed: Batch | None, class_means: torch.Tensor | None,
-                 chunk: int | None, autocast_dtype: torch.dtype | None, lean_conv: bool = True):
+                 chunk: int | None, autocast_dtype: torch.dtype | None, lean_conv: bool = True,
+                 shard: tuple | None = None):
         self.model, self.mode, self.chunk = model, mode, chunk
         self.lean_conv = bool(lean_conv)
+        # shard = (group, rank, world): full/first_order split the inner loss's exemplars over the ranks (contiguous
+        # slices), all-reducing the inner gradient; each rank then returns dL/dE for its own rows only (zeros
+        # elsewhere) of the SUM over ranks of the validation losses, so the caller's SUM/world all-reduce completes it.
+        self.shard = shard if mode in ("full", "first_order") else None
         self.alpha, self.T = float(inner_lr), int(inner_steps)
         self.M = labels.numel()
         self.fixed_x = None if fixed is None else fixed[0].detach()
@@ -261,11 +297,21 @@ class _ExemplarGrad:
         with torch.no_grad():
             return torch.cat([self._features(x[s:e]) for s, e in _ranges(x.shape[0], self.chunk)])
 
+    def _own(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous slice of n rows (all of them when not sharded)."""
+        if self.shard is None:
+            return 0, n
+        _, rank, world = self.shard
+        return rank * n // world, (rank + 1) * n // world
+
     def _sources(self, bank: torch.Tensor) -> list[tuple[torch.Tensor, int, int, bool]]:
-        """(tensor, start, end, is_bank) chunks over the exemplars of the inner loss: the bank, then the fixed ones."""
-        out = [(bank, s, e, True) for s, e in _ranges(self.M, self.chunk)]
+        """(tensor, start, end, is_bank) chunks over the exemplars of the inner loss: the bank, then the fixed ones
+        (this rank's rows only when sharded)."""
+        bs, be = self._own(self.M)
+        out = [(bank, bs + s, bs + e, True) for s, e in _ranges(be - bs, self.chunk)]
         if self.fixed_x is not None:
-            out += [(self.fixed_x, s, e, False) for s, e in _ranges(self.fixed_x.shape[0], self.chunk)]
+            fs, fe = self._own(self.fixed_x.shape[0])
+            out += [(self.fixed_x, fs + s, fs + e, False) for s, e in _ranges(fe - fs, self.chunk)]
         return out
 
     def _y(self, is_bank: bool, s: int, e: int) -> torch.Tensor:
@@ -284,17 +330,27 @@ class _ExemplarGrad:
             return self._full_reverse(bank, qx, qy)
 
     def _full_unrolled(self, bank, qx, qy):
-        x = bank if self.fixed_x is None else torch.cat([bank, self.fixed_x])
+        if self.shard is None:
+            x, y = (bank if self.fixed_x is None else torch.cat([bank, self.fixed_x])), self.y_all
+        else:  # this rank's rows; the inner loss is a sum over exemplars / N, completed by the all-reduce below
+            parts = [(src[s:e], self._y(is_bank, s, e)) for src, s, e, is_bank in self._sources(bank)]
+            parts = parts or [(bank[:0], self.y_all[:0])]  # more ranks than rows: this one adds nothing
+            x, y = torch.cat([p for p, _ in parts]), torch.cat([q for _, q in parts])
         theta = self.params
         for t in range(self.T):
             # first_order: the inner gradient is taken at a detached theta_{t-1} (no d theta_t / d theta_{t-1}
             # Hessian terms) but keeps its graph to E (the mixed term, the only path from E to theta').
             at = theta if (self.mode == "full" or t == 0) else [p.detach().requires_grad_() for p in theta]
-            loss = F.cross_entropy(self._call(at, x), self.y_all)
+            if self.shard is None:
+                loss = F.cross_entropy(self._call(at, x), y)
+            else:
+                loss = F.cross_entropy(self._call(at, x), y, reduction="sum") / self.N
             g = torch.autograd.grad(loss, at, create_graph=True, materialize_grads=True)
+            if self.shard is not None:
+                g = _allreduce_list(g, self.shard[0], differentiable=True)
             theta = torch._foreach_add(theta, g, alpha=-self.alpha)
         loss_val = F.cross_entropy(self._call(theta, qx), qy)
-        (grad,) = torch.autograd.grad(loss_val, bank)
+        (grad,) = torch.autograd.grad(loss_val, bank, materialize_grads=True)
         return grad, loss_val.detach()
 
     def _chunk_inner_grad(self, at, src, s, e, is_bank, leaf=None, create_graph=False):
@@ -315,10 +371,16 @@ class _ExemplarGrad:
             for src, s, e, is_bank in sources:
                 gc = self._chunk_inner_grad(at, src, s, e, is_bank)
                 g = list(gc) if g is None else torch._foreach_add(g, gc)
+            if g is None:  # a rank whose slice is empty
+                g = [torch.zeros_like(p) for p in at]
+            if self.shard is not None:
+                g = _allreduce_list(g, self.shard[0])
             thetas.append(torch._foreach_add(thetas[-1], g, alpha=-self.alpha))
         at = [p.detach().requires_grad_() for p in thetas[-1]]
         loss_val = F.cross_entropy(self._call(at, qx), qy)
         v = list(torch.autograd.grad(loss_val, at, materialize_grads=True))
+        if self.shard is not None:  # the sharded engines differentiate the SUM of the ranks' validation losses
+            v = _allreduce_list(v, self.shard[0])
         grad = torch.zeros_like(bank)
         for t in reversed(range(self.T)):  # step t maps thetas[t] -> thetas[t + 1]
             need_theta = self.mode == "full" and t > 0
@@ -339,6 +401,10 @@ class _ExemplarGrad:
                 if need_theta:
                     hv = list(outs) if hv is None else torch._foreach_add(hv, outs)
             if need_theta:
+                if hv is None:
+                    hv = [torch.zeros_like(p) for p in v]
+                if self.shard is not None:
+                    hv = _allreduce_list(hv, self.shard[0])
                 v = torch._foreach_add(v, hv, alpha=-self.alpha)
         return grad, loss_val.detach()
 
@@ -445,7 +511,7 @@ class ExemplarOptimiser:
                  num_classes: int | None = None, fixed_exemplars: Batch | None = None,
                  class_means: torch.Tensor | None = None, exemplar_chunk: int | None = None,
                  cuda_graph: bool = False, autocast_dtype: torch.dtype | None = None, process_group=None,
-                 lr_scale: str = "none", debug: bool = False, lean_conv: bool = True):
+                 lr_scale: str = "none", debug: bool = False, lean_conv: bool = True, shard_inner: bool = False):
         if mode not in MODES:
             raise ValueError(f"mnemonics mode must be one of {MODES}, got {mode!r}")
         if lr_scale not in LR_SCALES:
@@ -479,6 +545,14 @@ class ExemplarOptimiser:
             warnings.warn("mnemonics: cuda_graph=True ignored for exemplars not on a CUDA device", stacklevel=2)
         self.debug = _debug_enabled(debug)
         self.group, self.world = _resolve_group(process_group)
+        shard = None
+        if shard_inner and self.world > 1 and mode in ("full", "first_order"):
+            shard = (self.group, dist.get_rank(self.group), self.world)
+            if self.cuda_graph:
+                # collectives inside a captured graph are not supported on every backend; keep the eager path
+                warnings.warn("mnemonics: cuda_graph=True ignored with shard_inner (collectives in the inner loop)",
+                              stacklevel=2)
+                self.cuda_graph = False
         self._flags = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         # The bank: a private contiguous copy (the caller's init tensor is never written), a leaf the gradient is
@@ -488,7 +562,8 @@ class ExemplarOptimiser:
         self._fn = _ExemplarGrad(self.model, labels.detach().to(self.bank.device), mode=mode, inner_lr=inner_lr,
                                  inner_steps=inner_steps if inner_steps is not None else 1,
                                  num_classes=num_classes, fixed=fixed_exemplars, class_means=class_means,
-                                 chunk=exemplar_chunk, autocast_dtype=autocast_dtype, lean_conv=lean_conv)
+                                 chunk=exemplar_chunk, autocast_dtype=autocast_dtype, lean_conv=lean_conv,
+                                 shard=shard)
         self._graph: _GraphedGrad | None = None
         self._warned_shape = False
         # lr_scale="exemplars": beta is per exemplar. dL_val/dE_j carries the inner loss's 1/N (N exemplars in its
@@ -594,7 +669,8 @@ def optimise_exemplars(model: nn.Module, exemplars: torch.Tensor, labels: torch.
                        process_group=None, progress: bool = False, fixed_exemplars: Batch | None = None,
                        class_means: torch.Tensor | None = None, exemplar_chunk: int | None = None,
                        cuda_graph: bool = False, autocast_dtype: torch.dtype | None = None,
-                       lr_scale: str = "none", debug: bool = False, lean_conv: bool = True) -> torch.Tensor:
+                       lr_scale: str = "none", debug: bool = False, lean_conv: bool = True,
+                       shard_inner: bool = False) -> torch.Tensor:
     """Mnemonics exemplar level (SPEC §5 (b)): `outer_steps` bilevel steps on the exemplar pixels; returns new pixels.
 
     model: IncrementalNet (or DDP around one; the inner module is used). Any nn.Module whose forward(x) returns the
@@ -628,6 +704,9 @@ def optimise_exemplars(model: nn.Module, exemplars: torch.Tensor, labels: torch.
       forward passes (off by default; the loss and the pixels stay float32).
     lean_conv: full/first_order differentiate through nn.Conv2d backwards written so that the second-order pass skips
       the weight-gradient convolutions it does not need (methods/lean_conv.py; same numbers up to rounding).
+    shard_inner: under torch.distributed, full/first_order split the inner loss's exemplars over the ranks (each
+      rank's slice through the T unrolled steps, the inner gradient all-reduced): the inner work per rank drops to
+      1/world instead of being replicated; same result up to float summation order (docs/mnemonics.md, DDP).
     progress: a tqdm bar with the latest validation loss. Returns the optimised pixels [M, 3, H, W] (detached).
     """
     next_batch = _batch_source(query)
@@ -635,7 +714,7 @@ def optimise_exemplars(model: nn.Module, exemplars: torch.Tensor, labels: torch.
                            momentum=momentum, weight_decay=weight_decay, num_classes=num_classes,
                            fixed_exemplars=fixed_exemplars, class_means=class_means, exemplar_chunk=exemplar_chunk,
                            cuda_graph=cuda_graph, autocast_dtype=autocast_dtype, process_group=process_group,
-                           lr_scale=lr_scale, debug=debug, lean_conv=lean_conv) as opt:
+                           lr_scale=lr_scale, debug=debug, lean_conv=lean_conv, shard_inner=shard_inner) as opt:
         bar = None
         if progress:
             from tqdm import tqdm
@@ -677,7 +756,8 @@ def adjust_old_exemplars(model: nn.Module, bank: torch.Tensor, labels: torch.Ten
                          num_classes: int | None = None, class_means: torch.Tensor | None = None,
                          process_group=None, exemplar_chunk: int | None = None, cuda_graph: bool = False,
                          autocast_dtype: torch.dtype | None = None, progress: bool = False,
-                         lr_scale: str = "none", debug: bool = False, lean_conv: bool = True) -> torch.Tensor:
+                         lr_scale: str = "none", debug: bool = False, lean_conv: bool = True,
+                         shard_inner: bool = False) -> torch.Tensor:
     """SPEC §5 (c): adjust exemplars of earlier classes with the exemplars themselves as the validation set.
 
     bank [M, 3, H, W] / labels [M]: ALL seen classes' exemplars (the new classes' too, for balance). Every class is
@@ -717,5 +797,6 @@ def adjust_old_exemplars(model: nn.Module, bank: torch.Tensor, labels: torch.Ten
             outer_steps=outer_steps, lr=lr, momentum=momentum, weight_decay=weight_decay, num_classes=num_classes,
             process_group=group if world > 1 else None, progress=progress, fixed_exemplars=fixed,
             class_means=class_means, exemplar_chunk=exemplar_chunk, cuda_graph=cuda_graph,
-            autocast_dtype=autocast_dtype, lr_scale=lr_scale, debug=debug, lean_conv=lean_conv)
+            autocast_dtype=autocast_dtype, lr_scale=lr_scale, debug=debug, lean_conv=lean_conv,
+            shard_inner=shard_inner)
     return out

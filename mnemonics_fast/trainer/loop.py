@@ -116,6 +116,9 @@ class Trainer:
         # with mnemonics on, mnemonics.init picks the initial exemplars (select_exemplars): say which one runs
         sel = f"selection {cfg.mnemonics.init}, mnemonics {cfg.mnemonics.mode}" if cfg.mnemonics.enabled \
             else f"selection {mem.selection}"
+        if (cfg.mnemonics.enabled and cfg.mnemonics.shard_inner and self.dist.world > 1
+                and cfg.mnemonics.mode in ("full", "first_order")):
+            sel += f" (inner loop sharded over {self.dist.world} ranks)"
         self.log(f"memory: {mem.kind} ({f'{mem.per_class} per class' if mem.kind == 'growing' else f'{mem.total} total'}), "
                  f"{sel}")
         small = torch.nonzero(counts < mem.per_class).flatten().tolist()
@@ -590,7 +593,7 @@ class Trainer:
         return state["phase"] + 1
 
     # Fields that change speed or logging only: they may differ across resume and branch.
-    _RESULT_NEUTRAL = {"data": {"num_workers", "cache_dir"}, "mnemonics": {"cuda_graph", "exemplar_chunk", "lean_conv_grad"},
+    _RESULT_NEUTRAL = {"data": {"num_workers", "cache_dir"}, "mnemonics": {"cuda_graph", "exemplar_chunk", "lean_conv_grad", "shard_inner"},
                        "train": {"eval_batch_size", "cudnn_benchmark", "compile"}}
 
     def _check_same(self, state: dict, path: Path, sections, what: str, hint: str) -> None:
