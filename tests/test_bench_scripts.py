@@ -4,6 +4,7 @@ each recorded `bench/*.py` call must name only flags that script's argparse know
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
@@ -75,3 +76,16 @@ def test_device_all_part_runs_and_calls_benchmarks_with_known_flags(tmp_path, pa
         assert any(c[:2] == ["setup.py", "build_ext"] for c in calls), calls
         tests = [c for c in calls if c[:2] == ["-m", "pytest"]]
         assert tests and all((ROOT / a).is_file() for c in tests for a in c if a.startswith("tests/")), tests
+
+
+def test_bench_shard_inner_smoke(tmp_path):
+    """The shard_inner benchmark on 2 gloo ranks, tiny: runs, writes its JSON, and both ways give the same bank."""
+    out = tmp_path / "shard.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "bench/bench_shard_inner.py", "--world", "2", "--m", "5", "--image", "8",
+                        "--query", "2", "--steps", "1", "--repeats", "1", "--warmup", "0", "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [x["shard_inner"] for x in rows] == [False, True]
+    assert rows[1]["max_abs_bank_diff_vs_replicated"] < 1e-5
