@@ -10,8 +10,9 @@ instead of 160 with steps at 80/120):
    each of `--seeds` (the three runs of a seed branch from one phase-0 model: paired; mean +- std over seeds);
 3. project the wall time of the full 160-epoch schedule from each phase's measured per-epoch training time.
 
-Runs go in parallel as separate processes on the one GPU (each is launch-bound), so the measured wall times are
-those of a shared card; the herding run's projection is the one to quote for a dedicated card (`--solo-herding`).
+Runs go in parallel as separate processes on the one GPU (each is launch-bound): every seed's phase-0 model at once,
+then the sweep together with the random and herding comparison runs (they do not depend on the sweep), then the
+mnemonics runs with the sweep's best setting. So the measured wall times are those of a shared card; the herding run's projection is the one to quote for a dedicated card (`--solo-herding`).
 
     python bench/tin100_experiments.py --root ~/.cache/mnemonics_fast/tin100a-32 --out bench/results/tin100_h100.json
 """
@@ -103,20 +104,44 @@ def main():
               "seed": a.seed}
     mn = ["mnemonics.enabled=true", "mnemonics.init=herding", *a.extra]
 
-    # ---------------------------------------------------------------- 1. sweep from one shared phase 0
-    if not a.skip_sweep:
-        base = "sweep_phase0"
-        wait_all({base: launch(base, ["run.stop_after_phase=0"], a, log_dir)})
+    # ---------------------------------------------------------------- 0. the phase-0 models, all at once
+    # The sweep's (seed --seed) and one per other comparison seed: each seed's three comparison runs branch from its
+    # own phase-0 model (paired: they differ only in the exemplars).
+    seeds = [] if a.sweep_only else [int(x) for x in (a.seeds or str(a.seed)).split(",")]
+    sweep = not a.skip_sweep
+    base_name = {sd: ("sweep_phase0" if sweep and sd == a.seed else f"compare_phase0_s{sd}") for sd in seeds}
+    if sweep:
+        base_name.setdefault(a.seed, "sweep_phase0")
+    base_procs = {name: launch(name, ["run.stop_after_phase=0"], a, log_dir, seed=sd) for sd, name in base_name.items()}
+    wait_all(base_procs)
+    bases = {sd: Path(a.runs) / name / "checkpoints" / "phase_000.pt" for sd, name in base_name.items()}
+
+    def branch(sd):
+        return [f"run.branch_from={bases[sd]}"] if bases[sd].is_file() else []
+
+    def sfx(sd):
+        return "" if len(seeds) == 1 else f"_s{sd}"
+
+    # ---------------------------------------------------------------- 1. sweep, with random/herding running beside it
+    # LUCIR with random and with herding exemplars does not depend on the sweep's outcome, so those comparison runs
+    # start now and share the GPU with the sweep (each run is launch-bound); only the mnemonics runs wait for it.
+    procs = {}
+    sweep_procs = {}
+    if sweep:
         alphas = [float(x) for x in a.inner_lrs.split(",")]
         grid = list(itertools.product([float(x) for x in a.lrs.split(",")], alphas, ["none"]))
         grid += list(itertools.product([float(x) for x in a.scaled_lrs.split(",") if x], alphas, ["exemplars"]))
-        procs = {}
         stop = f"run.stop_after_phase={a.sweep_phases}"
         for name, ov in [("sweep_herding", [stop])] + [
                 (_sweep_name(lr, al, sc), [stop, *mn, *_mn_setting(lr, al, sc)]) for lr, al, sc in grid]:
             # branch: phase 0's model level is shared, its exemplar level is redone under each setting
-            procs[name] = launch(name, [*ov, f"run.branch_from={Path(a.runs) / base}"], a, log_dir)
-        rcs = wait_all(procs)
+            sweep_procs[name] = launch(name, [*ov, *branch(a.seed)], a, log_dir, a.seed)
+    for sd in seeds:
+        procs[f"lucir_random{sfx(sd)}"] = launch(f"lucir_random{sfx(sd)}", ["memory.selection=random", *branch(sd)],
+                                                 a, log_dir, sd)
+        procs[f"lucir_herding{sfx(sd)}"] = launch(f"lucir_herding{sfx(sd)}", branch(sd), a, log_dir, sd)
+    if sweep:
+        rcs = wait_all(sweep_procs)
         rows = []
         for name, rc in rcs.items():
             m = metrics(a, name)
@@ -132,37 +157,20 @@ def main():
                            "rows": rows, "best": best["name"] if best else None}
         if best:
             a.best = ",".join(_parse_sweep_name(best["name"]))
-    lr, al, *rest = (a.best or "1,0.01").split(",")
-    scale = rest[0] if rest else "none"
-    if a.sweep_only:
+        # written now too, so a run cut short by its time limit keeps the sweep
         result["total_s"] = time.time() - t_start
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    lr, al, *rest = (a.best or "1,0.01").split(",")
+    scale = rest[0] if rest else "none"
+    if a.sweep_only:
         print(f"wrote {a.out} (sweep only) in {result['total_s']:.0f} s")
         return
 
     # ---------------------------------------------------------------- 2. random vs herding vs mnemonics
-    # Per seed, the three share one phase-0 model (the sweep's for its seed, else one trained here): a paired
-    # comparison that differs only in the exemplars, and two phase-0 trainings saved per seed.
-    seeds = [int(x) for x in (a.seeds or str(a.seed)).split(",")]
-    bases, base_procs = {}, {}
     for sd in seeds:
-        sweep_base = Path(a.runs) / "sweep_phase0" / "checkpoints" / "phase_000.pt"
-        if sd == a.seed and sweep_base.is_file():
-            bases[sd] = sweep_base
-        else:
-            name = f"compare_phase0_s{sd}"
-            base_procs[name] = launch(name, ["run.stop_after_phase=0"], a, log_dir, seed=sd)
-            bases[sd] = Path(a.runs) / name / "checkpoints" / "phase_000.pt"
-    wait_all(base_procs)
-    procs = {}
-    for sd in seeds:
-        br = [f"run.branch_from={bases[sd]}"] if bases[sd].is_file() else []
-        sfx = "" if len(seeds) == 1 else f"_s{sd}"
-        procs[f"lucir_random{sfx}"] = launch(f"lucir_random{sfx}", ["memory.selection=random", *br], a, log_dir, sd)
-        procs[f"lucir_herding{sfx}"] = launch(f"lucir_herding{sfx}", [*br], a, log_dir, sd)
-        procs[f"lucir_mnemonics{sfx}"] = launch(f"lucir_mnemonics{sfx}", [*mn, *_mn_setting(lr, al, scale), *br],
-                                                a, log_dir, sd)
+        procs[f"lucir_mnemonics{sfx(sd)}"] = launch(f"lucir_mnemonics{sfx(sd)}",
+                                                    [*mn, *_mn_setting(lr, al, scale), *branch(sd)], a, log_dir, sd)
     rcs = wait_all(procs)
     comp = {}
     for name, rc in rcs.items():
