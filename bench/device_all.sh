@@ -44,6 +44,15 @@ step() {  # step SECONDS LOG COMMAND...: run COMMAND with at most SECONDS (cappe
   if [ $((T_END - SECONDS - 20)) -lt 10 ]; then echo "skipped, device time budget spent: $*"; return; fi
   timeout "$t" "$@" > "$log" 2>&1 || echo "rc=$? (limit ${t}s): $*"
 }
+# Steps parts 1 and 4 share.
+cosine_autograd_step() {
+  stamp "cosine_linear autograd: C++ vs Python twin (eager host cost)"
+  step 40 "$WORK/cosine_autograd.log" "$PY" bench/bench_cosine_autograd.py --out "$WORK/cosine_autograd.json"
+}
+profile_step() {  # profile_step SECONDS
+  stamp "profile of one mnemonics outer step (which kernels)"
+  step "$1" "$WORK/profile_mnemonics.log" "$PY" bench/profile_mnemonics_step.py --out "$WORK/profile_mnemonics.txt"
+}
 
 if [ "$PART" = 1 ]; then
   # Order = priority: the op benchmarks (quiet GPU) and the CUDA correctness checks first, then the rest.
@@ -55,16 +64,14 @@ if [ "$PART" = 1 ]; then
   mkdir -p "$WORK/check_b"
   OUT="$WORK/check_b" SECTIONS="test_cuda sanitize" DEADLINE=$(cap 200) bash bench/device_check.sh \
     > "$WORK/check_b.txt" 2>&1
-  stamp "cosine_linear autograd: C++ vs Python twin (eager host cost)"
-  step 40 "$WORK/cosine_autograd.log" "$PY" bench/bench_cosine_autograd.py --out "$WORK/cosine_autograd.json"
+  cosine_autograd_step
   stamp "mnemonics outer step benchmark"
   step 130 "$WORK/bench_mnemonics.log" "$PY" bench/bench_mnemonics.py --sizes 100,1000 --steps 1,5 --modes full,head \
     --repeats 5 --warmup 2 --out "$WORK/bench_mnemonics.json"
   stamp "training throughput: eager vs train.compile, fp32 vs bf16 (resident; dataloader rows measured before)"
   step 200 "$WORK/bench_train.log" "$PY" bench/bench_train.py --root "$DATA" --steps 30 --warmup 4 --paths resident \
     --dtypes fp32,bf16 --compile none,default,reduce-overhead --out "$WORK/bench_train.json"
-  stamp "profile of one mnemonics outer step (which kernels)"
-  step 60 "$WORK/profile_mnemonics.log" "$PY" bench/profile_mnemonics_step.py --out "$WORK/profile_mnemonics.txt"
+  profile_step 60
   stamp "done"
   tail -n 6 "$WORK/cosine_autograd.log" 2>/dev/null
   tail -n 40 "$WORK/bench_mnemonics.log" 2>/dev/null
@@ -76,8 +83,7 @@ elif [ "$PART" = 4 ]; then
   stamp "build, CUDA op tests, compute-sanitizer (the 6 crash fixes, a full sanitizer pass), cosine bench (eager rule)"
   OUT="$WORK" SECTIONS="env build test_cuda sanitize bench_cosine" DEADLINE=$(cap 230) bash bench/device_check.sh \
     > "$WORK/check.txt" 2>&1
-  stamp "cosine_linear autograd: C++ vs Python twin (eager host cost)"
-  step 40 "$WORK/cosine_autograd.log" "$PY" bench/bench_cosine_autograd.py --out "$WORK/cosine_autograd.json"
+  cosine_autograd_step
   stamp "mnemonics outer step: lean_conv (graph) vs torch's conv double backward (graph+nolean)"
   step 100 "$WORK/bench_mnemonics.log" "$PY" bench/bench_mnemonics.py --sizes 100,1000 --steps 1,5 --modes full \
     --variants naive,eager,graph,graph+nolean,graph+bf16 --repeats 5 --warmup 2 --out "$WORK/bench_mnemonics.json"
@@ -85,8 +91,7 @@ elif [ "$PART" = 4 ]; then
   step 70 "$WORK/bench_mnemonics_224.log" "$PY" bench/bench_mnemonics.py --arch resnet18 --image 224 --sizes 100 \
     --steps 1 --modes full,head --variants eager,eager+chunk --chunk 25 --query 64 --repeats 3 --warmup 1 \
     --out "$WORK/bench_mnemonics_224.json"
-  stamp "profile of one mnemonics outer step (lean_conv on)"
-  step 40 "$WORK/profile_mnemonics.log" "$PY" bench/profile_mnemonics_step.py --out "$WORK/profile_mnemonics.txt"
+  profile_step 40
   stamp "done"
   tail -n 4 "$WORK/cosine_autograd.log" 2>/dev/null
   tail -n 24 "$WORK/bench_mnemonics.log" 2>/dev/null

@@ -16,9 +16,8 @@ so the double backward is three ordinary convolutions plus, only when a weight g
 same numbers as PyTorch's up to float rounding (float64 tests: tests/test_mnemonics.py).
 
 `lean_second_order_convs(module)` switches every zero-padded nn.Conv2d (and weight-transfer TransferConv2d) inside
-`module` to it for the duration of a
-`with` block (instance attribute over `Conv2d._conv_forward`, removed on exit): no cost when not in use, no change to
-parameters, state_dict or hooks. `mnemonics.lean_conv_grad` (default true) turns it off for A/B checks.
+`module` to it for the duration of a `with` block (instance attribute over `Conv2d._conv_forward`, removed on exit):
+no cost when not in use, no change to parameters, state_dict or hooks. `mnemonics.lean_conv_grad` (default true) turns it off for A/B checks.
 """
 from __future__ import annotations
 
@@ -28,12 +27,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from ..models.transfer import TransferConv2d
-
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 class _LeanConv2d(torch.autograd.Function):

@@ -41,6 +41,7 @@ from .. import ops
 from .lean_conv import lean_second_order_convs
 
 MODES = ("full", "head", "first_order", "proto")
+SHARDABLE_MODES = ("full", "first_order")  # the modes whose inner loop shard_inner can split over the ranks
 LR_SCALES = ("none", "exemplars")
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -217,7 +218,6 @@ def _allreduce_list(ts: Sequence[torch.Tensor], group, differentiable: bool = Fa
     if differentiable:
         flat = _AllReduceSum.apply(flat, group)
     else:
-        flat = flat.contiguous()
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     return [piece.view_as(t) for piece, t in zip(flat.split([t.numel() for t in ts]), ts)]
 
@@ -242,7 +242,7 @@ class _ExemplarGrad:
         # shard = (group, rank, world): full/first_order split the inner loss's exemplars over the ranks (contiguous
         # slices), all-reducing the inner gradient; each rank then returns dL/dE for its own rows only (zeros
         # elsewhere) of the SUM over ranks of the validation losses, so the caller's SUM/world all-reduce completes it.
-        self.shard = shard if mode in ("full", "first_order") else None
+        self.shard = shard
         self.alpha, self.T = float(inner_lr), int(inner_steps)
         self.M = labels.numel()
         self.fixed_x = None if fixed is None else fixed[0].detach()
@@ -546,7 +546,7 @@ class ExemplarOptimiser:
         self.debug = _debug_enabled(debug)
         self.group, self.world = _resolve_group(process_group)
         shard = None
-        if shard_inner and self.world > 1 and mode in ("full", "first_order"):
+        if shard_inner and self.world > 1 and mode in SHARDABLE_MODES:
             shard = (self.group, dist.get_rank(self.group), self.world)
             if self.cuda_graph:
                 # collectives inside a captured graph are not supported on every backend; keep the eager path

@@ -23,6 +23,7 @@ from ..data import Phases, class_order, exemplars_per_class, load_dataset
 from ..data.resident import ResidentEvalLoader, ResidentTrainLoader, to_device_nchw
 from ..exemplars import ExemplarMemory, class_mean, herding, random_selection
 from ..methods import PhaseInfo, build_method
+from ..methods.mnemonics import SHARDABLE_MODES
 from ..models import build_model, imprint_weights
 from ..utils.io import atomic_torch_save
 from . import distributed as D
@@ -117,7 +118,7 @@ class Trainer:
         sel = f"selection {cfg.mnemonics.init}, mnemonics {cfg.mnemonics.mode}" if cfg.mnemonics.enabled \
             else f"selection {mem.selection}"
         if (cfg.mnemonics.enabled and cfg.mnemonics.shard_inner and self.dist.world > 1
-                and cfg.mnemonics.mode in ("full", "first_order")):
+                and cfg.mnemonics.mode in SHARDABLE_MODES):
             sel += f" (inner loop sharded over {self.dist.world} ranks)"
         self.log(f"memory: {mem.kind} ({f'{mem.per_class} per class' if mem.kind == 'growing' else f'{mem.total} total'}), "
                  f"{sel}")
@@ -593,7 +594,8 @@ class Trainer:
         return state["phase"] + 1
 
     # Fields that change speed or logging only: they may differ across resume and branch.
-    _RESULT_NEUTRAL = {"data": {"num_workers", "cache_dir"}, "mnemonics": {"cuda_graph", "exemplar_chunk", "lean_conv_grad", "shard_inner"},
+    _RESULT_NEUTRAL = {"data": {"num_workers", "cache_dir"},
+                       "mnemonics": {"cuda_graph", "exemplar_chunk", "lean_conv_grad", "shard_inner"},
                        "train": {"eval_batch_size", "cudnn_benchmark", "compile"}}
 
     def _check_same(self, state: dict, path: Path, sections, what: str, hint: str) -> None:
