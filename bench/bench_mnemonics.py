@@ -8,14 +8,18 @@
   graph+nolean: graph with mnemonics.lean_conv_grad=false: PyTorch's own conv double backward, which also computes
                 the (unused) weight-gradient convolutions with [C, M, H, W] kernels (methods/lean_conv.py).
   graph+bf16  : cuda_graph=True, autocast_dtype=bfloat16 for the model's forward passes.
+  compiled    : compile_mode="default" (mnemonics.compile): the whole outer-step gradient as one torch.func function
+                (grad of a function that takes a grad) compiled by torch.compile/inductor (methods/compiled_grad.py).
+                +graph: that compiled code captured in our CUDA graph; +ro: mode="reduce-overhead" (inductor's own
+                CUDA graphs); +bf16 as above. Compilation happens in the first call, reported as first_call_s.
 
 Setting: ResNet-32, CIFAR-100 B50 phase 1 (50 old frozen rows + 10 new), exemplars of the 10 new classes (M in
 --sizes), T inner steps (--steps), query batch of --query real-sized images, modes full and head. Inputs are random
 pixels (timing does not depend on content). Per cell: median ms over --repeats timed steps after --warmup steps
 (CUDA events; the graph capture happens in the warm-up), the peak of torch.cuda.max_memory_allocated above the
 model+data baseline, and the max relative difference of the first gradient to the naive one. torch.compile is not a
-baseline: AOTAutograd does not support double backward (create_graph through a compiled graph), which every mode
-but proto needs.
+baseline of the autograd engines: AOTAutograd does not support double backward (create_graph through a compiled
+graph); the `compiled` variants avoid it by tracing torch.func's transforms instead (full/first_order only).
 
     python bench/bench_mnemonics.py --out bench/results/mnemonics_h100.json          # on the GPU
     python bench/bench_mnemonics.py --quick                                           # CPU sanity run (seconds)
@@ -124,11 +128,17 @@ def run_variant(name, mode, m, steps, args, device, ref_grad):
             times = Timer(device)(fn, args.warmup, args.repeats)
             opt = None
         else:
+            compile_mode = ("reduce-overhead" if "+ro" in name else "default") if "compiled" in name else "none"
             opt = ExemplarOptimiser(model, bank, labels, mode=mode, cuda_graph="graph" in name,
                                     autocast_dtype=torch.bfloat16 if "bf16" in name else None,
                                     exemplar_chunk=args.chunk if "chunk" in name else None,
-                                    lean_conv="nolean" not in name, **kw)
+                                    lean_conv="nolean" not in name, compile_mode=compile_mode, **kw)
+            t0 = time.perf_counter()
             first = opt.grad(qx, qy)[0].clone()
+            row["first_call_s"] = time.perf_counter() - t0
+            if compile_mode != "none":
+                # False where the compiled engine does not apply (head) or failed to build (said on stderr)
+                row["compiled_active"] = opt._fn is not opt._eager_fn
             times = Timer(device)(lambda: opt.step(qx, qy), args.warmup, args.repeats)
             row["graph_active"] = opt.cuda_graph  # False if the capture failed and it fell back to eager
             opt.close()
@@ -185,7 +195,8 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    variants = [v for v in args.variants.split(",") if device.type == "cuda" or "graph" not in v]
+    variants = [v for v in args.variants.split(",")
+                if device.type == "cuda" or ("graph" not in v and "+ro" not in v)]
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     header = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda,
               "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
@@ -216,6 +227,10 @@ def main() -> None:
                     pk = f"{row['peak_mb']:9.0f}" if "peak_mb" in row else f"{'-':>9}"
                     er = f"{row['rel_err_vs_naive']:9.1e}" if "rel_err_vs_naive" in row else f"{'-':>9}"
                     note = "  (capture failed: eager)" if row.get("graph_active") is False and "graph" in v else ""
+                    if row.get("compiled_active") is False:
+                        note += "  (not compiled: eager)"
+                    elif row.get("compiled_active"):
+                        note += f"  (first call {row['first_call_s']:.0f} s: compile)"
                     print(f"{mode:5} {m:5d} {steps:2d}  {v:12} {ms} {sp} {pk} {er}{note}", flush=True)
                     # rewritten after every row: a run cut off by a time limit keeps what it measured
                     out.write_text(json.dumps({"header": header, "rows": rows}, indent=2))

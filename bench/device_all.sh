@@ -8,7 +8,8 @@
 #                                #         later lease: parts 1 + 2 fill one 15-minute lease
 #   bash bench/device_all.sh 4   # ~5 min: re-verify after the 2026-11-26 H200 run (build, CUDA op tests, sanitizers),
 #                                #         measure lean_conv (mnemonics step graph vs graph+nolean) and the 224x224
-#                                #         ResNet-18 step's peak memory; parts 4 + 2 fit one lease
+#                                #         ResNet-18 step's peak memory, time the compiled exemplar gradient
+#                                #         (mnemonics.compile); parts 4 + 2 fit one lease
 #
 # Needs the development set as .devdata/tin100a-32.tar.xz (git-ignored; copy it from ../shared/data) for part 1's
 # training benchmark and for part 2. Everything is written under $WORK and packed into $OUT/device_part<N>.tgz
@@ -91,11 +92,16 @@ elif [ "$PART" = 4 ]; then
   step 70 "$WORK/bench_mnemonics_224.log" "$PY" bench/bench_mnemonics.py --arch resnet18 --image 224 --sizes 100 \
     --steps 1 --modes full,head --variants eager,eager+chunk --chunk 25 --query 64 --repeats 3 --warmup 1 \
     --out "$WORK/bench_mnemonics_224.json"
+  stamp "mnemonics outer step, compiled engine (mnemonics.compile; first call = compile, reported)"
+  step 170 "$WORK/bench_mnemonics_compiled.log" "$PY" bench/bench_mnemonics.py --sizes 100 --steps 1 --modes full \
+    --variants naive,graph,compiled,compiled+graph,compiled+ro,compiled+graph+bf16 --repeats 10 --warmup 3 \
+    --out "$WORK/bench_mnemonics_compiled.json"
   profile_step 40
   stamp "done"
   tail -n 4 "$WORK/cosine_autograd.log" 2>/dev/null
   tail -n 24 "$WORK/bench_mnemonics.log" 2>/dev/null
   tail -n 6 "$WORK/bench_mnemonics_224.log" 2>/dev/null
+  tail -n 8 "$WORK/bench_mnemonics_compiled.log" 2>/dev/null
   cat "$WORK/summary.txt" 2>/dev/null | head -n 12
   grep -E "passed|failed|error" "$WORK/test_cuda.log" 2>/dev/null | tail -n 8
   grep -E "SUMMARY|all launch paths" "$WORK/sanitize.log" 2>/dev/null

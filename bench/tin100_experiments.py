@@ -22,6 +22,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -31,8 +32,8 @@ import torch
 
 
 def launch(name: str, overrides: list[str], a, log_dir: Path, seed: int | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "mnemonics_fast.train", "--config", "tin100_10phase", f"data.root={a.root}",
-           f"run.output_dir={a.runs}", f"run.name={name}", "run.progress=false", "run.tensorboard=false",
+    cmd = [sys.executable, "-m", "mnemonics_fast.train", "--config", a.config,
+           *([f"data.root={a.root}"] if a.root else []), f"run.output_dir={a.runs}", f"run.name={name}", "run.progress=false", "run.tensorboard=false",
            f"train.epochs={a.epochs}", f"train.milestones=[{a.epochs // 2},{a.epochs * 3 // 4}]",
            f"seed={a.seed if seed is None else seed}", *a.overrides, *overrides]
     log = open(log_dir / f"{name}.log", "w")
@@ -46,6 +47,18 @@ def wait_all(procs: dict[str, subprocess.Popen]) -> dict[str, int]:
 def metrics(a, name: str) -> dict | None:
     f = Path(a.runs) / name / "metrics.json"
     return json.loads(f.read_text()) if f.is_file() else None
+
+
+def pixel_change(a, name: str) -> dict:
+    """How far mnemonics moved the pixels, per exemplar level, in uint8 levels (from the run's log.txt lines
+    "mnemonics (b|c): ... (X uint8 levels)"): under half a level nothing survives uint8 storage."""
+    f = Path(a.runs) / name / "log.txt"
+    out: dict[str, list[float]] = {}
+    for line in (f.read_text().splitlines() if f.is_file() else []):
+        m = re.search(r"mnemonics \((b|c)\):.*\(([0-9.]+) uint8 levels\)", line)
+        if m:
+            out.setdefault(m.group(1), []).append(float(m.group(2)))
+    return out
 
 
 def projected_full_s(m: dict, epochs: int, full_epochs: int = 160) -> float:
@@ -73,7 +86,9 @@ def _parse_sweep_name(name: str) -> tuple[str, str, str]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--root", required=True)
+    ap.add_argument("--root", default=None, help="data.root (the tin100a-32 tree; not needed for demo_digits)")
+    ap.add_argument("--config", default="tin100_10phase",
+                    help="bundled config of every run (demo_digits: the same experiment on the embedded digits, CPU)")
     ap.add_argument("--runs", default="/tmp/mf_runs")
     ap.add_argument("--out", required=True)
     ap.add_argument("--logs", default=None, help="folder for the runs' console logs (default: next to --out)")
@@ -100,7 +115,9 @@ def main():
     result = {"bench": "tin100_experiments", "card": torch.cuda.get_device_name() if torch.cuda.is_available()
               else f"cpu ({os.cpu_count()} cores)", "torch": torch.__version__, "epochs_per_phase": a.epochs,
               "schedule": f"{a.epochs} epochs per phase, lr 0.1 x0.1 at {a.epochs // 2} and {a.epochs * 3 // 4}",
-              "protocol": "tin100a-32, B50 + 10 phases of 5, growing memory 20/class, LUCIR, ResNet-32",
+              "protocol": ("tin100a-32, B50 + 10 phases of 5, growing memory 20/class, LUCIR, ResNet-32"
+                           if a.config == "tin100_10phase" else f"config {a.config}"),
+              "overrides": a.overrides,
               "seed": a.seed}
     mn = ["mnemonics.enabled=true", "mnemonics.init=herding", *a.extra]
 
@@ -147,7 +164,8 @@ def main():
             m = metrics(a, name)
             inc = m["top1"]["cnn"][1:] if m else []
             rows.append({"name": name, "rc": rc, "incremental_cnn": inc, "incremental_nme": m["top1"]["nme"][1:] if m else [],
-                         "score_avg_cnn": sum(inc) / len(inc) if inc else None})
+                         "score_avg_cnn": sum(inc) / len(inc) if inc else None,
+                         "pixel_change_uint8_levels": pixel_change(a, name)})
             print(f"sweep {name:>28}: rc {rc}  avg CNN over phases 1..{a.sweep_phases}: {rows[-1]['score_avg_cnn']}",
                   flush=True)
         ok = [r for r in rows if r["name"] != "sweep_herding" and r["score_avg_cnn"] is not None]
@@ -179,7 +197,7 @@ def main():
         if m:
             comp[name].update({
                 "avg_incremental_acc": m["avg_incremental_acc"], "last_acc": m["last_acc"], "top1": m["top1"],
-                "forgetting": m["forgetting"],
+                "forgetting": m["forgetting"], "pixel_change_uint8_levels": pixel_change(a, name),
                 "phase_wall_s": [p["wall_s"] for p in m["phases"]],
                 "phase_train_img_per_s": [p["train_img_per_s"] for p in m["phases"]],
                 "total_wall_s": sum(p["wall_s"] for p in m["phases"]),

@@ -115,6 +115,8 @@ class MnemonicsConfig:
                                    # convolutions (methods/lean_conv.py); same numbers up to rounding, false = torch's
     shard_inner: bool = False      # DDP, full/first_order: split the inner loop's exemplars over the ranks (inner
                                    # gradient all-reduced) instead of replicating it; same result up to rounding
+    compile: str = "none"          # full/first_order: the outer-step gradient as one torch.func function through
+                                   # torch.compile(mode=...) (methods/compiled_grad.py); same numbers up to rounding
 
 
 @dataclass
@@ -163,6 +165,7 @@ CHOICES = {
     "mnemonics.lr_scale": {"none", "exemplars"},
     "run.resume": {"auto", "never"},
     "train.compile": {"none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"},
+    "mnemonics.compile": {"none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"},
     "run.device": {"auto", "cpu", "cuda"},
 }
 

@@ -558,3 +558,91 @@ def test_lean_conv_covers_weight_transfer_convs():
         counts.append(seen.n)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-14)
     assert counts[0] > 0 and counts[1] == 0, counts
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# compile_mode: the outer step as one torch.func function compiled by torch.compile (methods/compiled_grad.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,steps,fixed,transfer", [("full", 1, False, False), ("full", 2, True, False),
+                                                       ("first_order", 2, True, False), ("full", 2, False, True)])
+def test_functional_outer_grad_equals_the_autograd_engine(mode, steps, fixed, transfer):
+    """The torch.func formulation the compiled engine traces, run as is: the eager engine's gradient and loss."""
+    from mnemonics_fast.methods.compiled_grad import make_outer_grad
+    from mnemonics_fast.models.transfer import apply_weight_transfer
+    from mnemonics_fast.ops.cosine import plain_torch
+    model = make_model()
+    if transfer:
+        apply_weight_transfer(model.backbone)
+    ex, ey, qx, qy = make_data(m=7)
+    fx, fy = make_data(m=4, seed=5)[:2] if fixed else (None, None)
+    with ExemplarOptimiser(model, ex, ey, mode=mode, inner_lr=0.05, inner_steps=steps, lr=1.0,
+                           fixed_exemplars=(fx, fy) if fixed else None) as opt:
+        want, want_loss = opt.grad(qx, qy)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        fn = make_outer_grad(model, [n for n, _ in named], mode=mode, inner_lr=0.05, inner_steps=steps,
+                             autocast_dtype=None, device_type="cpu")
+        y_all = ey if fy is None else torch.cat([ey, fy])
+        with torch.no_grad(), plain_torch():
+            got, loss = fn(ex, fx, tuple(p.detach() for _, p in named), y_all, qx, qy)
+    scale = float(want.abs().max())
+    assert scale > 0
+    # float64; the eager engine's lean convolutions sum in another order (weight transfer: ~1e-10 of the max)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * scale)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=0)
+
+
+def _small_model():
+    """make_model with a ResNet-8 backbone (one block per stage): the same layer types, a fraction of the compile time."""
+    from mnemonics_fast.models.resnet_cifar import ResNetCifar
+    model = make_model()
+    torch.manual_seed(3)
+    model.backbone = ResNetCifar(blocks_per_stage=1).double()
+    return model
+
+
+@pytest.mark.skipif(__import__("mnemonics_fast.trainer.compile", fromlist=["x"]).compile_unavailable(
+    torch.device("cpu")) is not None, reason="inductor cannot compile on this machine")
+def test_compiled_engine_equals_eager_and_follows_the_model():
+    """compile_mode='default' on CPU (inductor C++), float64: the eager engine's gradient, loss and update; the
+    parameters are read at every call (the model level moves them between exemplar levels), not baked in."""
+    model = _small_model()
+    ex, ey, qx, qy = make_data(m=7)
+    fixed = make_data(m=4, seed=5)[:2]
+    kw = dict(mode="full", inner_lr=0.05, inner_steps=2, lr=0.5, momentum=0.9, fixed_exemplars=fixed)
+    with ExemplarOptimiser(model, ex, ey, **kw) as eager, \
+            ExemplarOptimiser(model, ex, ey, compile_mode="default", **kw) as comp:
+        assert type(comp._fn).__name__ == "CompiledExemplarGrad"
+        for _ in range(2):
+            g_e, l_e = eager.grad(qx, qy)
+            g_c, l_c = comp.grad(qx, qy)
+            torch.testing.assert_close(g_c, g_e, rtol=1e-10, atol=1e-14)
+            torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=0)
+            eager.step(qx, qy)
+            comp.step(qx, qy)
+            torch.testing.assert_close(comp.exemplars, eager.exemplars, rtol=0, atol=1e-12)
+            with torch.no_grad():  # the model level moves theta between two exemplar levels
+                for p in model.parameters():
+                    p.mul_(1.01)
+    assert comp._fn is not comp._eager_fn, "the compiled engine must not have fallen back"
+
+
+def test_compile_mode_where_it_does_not_apply_says_why_and_stays_exact(recwarn):
+    from mnemonics_fast.methods import mnemonics as mn
+    mn._WARNED.clear()
+    model = make_model()
+    ex, ey, qx, qy = make_data(m=5)
+    with pytest.raises(ValueError, match="compile_mode"):
+        ExemplarOptimiser(model, ex, ey, inner_lr=0.05, inner_steps=1, lr=1.0, compile_mode="fast")
+    grads = []
+    for cm in ("none", "default", "default"):
+        with ExemplarOptimiser(model, ex, ey, mode="full", inner_lr=0.05, inner_steps=1, lr=1.0, compile_mode=cm,
+                               exemplar_chunk=2) as opt:
+            grads.append(opt.grad(qx, qy)[0])
+    said = [str(w.message) for w in recwarn if "compile='default' not used" in str(w.message)]
+    assert len(said) == 1 and "exemplar_chunk" in said[0], said   # once per process, naming the reason
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    with ExemplarOptimiser(model, ex, ey, mode="head", inner_lr=0.05, inner_steps=1, lr=1.0,
+                           compile_mode="reduce-overhead") as opt:
+        assert type(opt._fn).__name__ == "_ExemplarGrad"
+    assert any("mode 'head'" in str(w.message) for w in recwarn)

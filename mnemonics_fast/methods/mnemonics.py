@@ -38,6 +38,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .. import ops
+from .compiled_grad import COMPILABLE_MODES, COMPILE_MODES, CompiledExemplarGrad
 from .lean_conv import lean_second_order_convs
 
 MODES = ("full", "head", "first_order", "proto")
@@ -488,6 +489,16 @@ def _resolve_group(process_group) -> tuple[object | None, int]:
     return group, dist.get_world_size(group)
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    """A configuration notice printed once per process (exemplar optimisers are created several times a phase)."""
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
 def _debug_enabled(debug: bool) -> bool:
     return debug or os.environ.get("MNEMONICS_FAST_DEBUG", "0") not in ("", "0")
 
@@ -511,11 +522,14 @@ class ExemplarOptimiser:
                  num_classes: int | None = None, fixed_exemplars: Batch | None = None,
                  class_means: torch.Tensor | None = None, exemplar_chunk: int | None = None,
                  cuda_graph: bool = False, autocast_dtype: torch.dtype | None = None, process_group=None,
-                 lr_scale: str = "none", debug: bool = False, lean_conv: bool = True, shard_inner: bool = False):
+                 lr_scale: str = "none", debug: bool = False, lean_conv: bool = True, shard_inner: bool = False,
+                 compile_mode: str = "none"):
         if mode not in MODES:
             raise ValueError(f"mnemonics mode must be one of {MODES}, got {mode!r}")
         if lr_scale not in LR_SCALES:
             raise ValueError(f"lr_scale must be one of {LR_SCALES}, got {lr_scale!r}")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         if lr_scale != "none" and mode == "proto":
             raise ValueError("lr_scale='exemplars' is defined for the bilevel modes (full, head, first_order), not "
                              "proto (no inner loss to count exemplars in)")
@@ -564,6 +578,9 @@ class ExemplarOptimiser:
                                  num_classes=num_classes, fixed=fixed_exemplars, class_means=class_means,
                                  chunk=exemplar_chunk, autocast_dtype=autocast_dtype, lean_conv=lean_conv,
                                  shard=shard)
+        self._eager_fn = self._fn
+        if compile_mode != "none":
+            self._use_compiled(compile_mode, mode, shard)
         self._graph: _GraphedGrad | None = None
         self._warned_shape = False
         # lr_scale="exemplars": beta is per exemplar. dL_val/dE_j carries the inner loss's 1/N (N exemplars in its
@@ -572,11 +589,47 @@ class ExemplarOptimiser:
         # any memory size or phase size (docs/mnemonics.md). "none" is the paper's plain SGD on dL_val/dE.
         self.step_lr = self.lr * (self._fn.N if lr_scale == "exemplars" else 1)
 
+    def _use_compiled(self, compile_mode: str, mode: str, shard) -> None:
+        """Switch to the torch.compile'd engine (methods/compiled_grad.py) where it applies; else say why, once."""
+        from ..trainer.compile import compile_unavailable
+        why = None
+        if mode not in COMPILABLE_MODES:
+            why = f"mode {mode!r} has no second-order pass through the backbone to compile"
+        elif self._fn.chunk is not None:
+            why = "exemplar_chunk runs the chunked reverse engine (the memory option)"
+        elif shard is not None:
+            why = "shard_inner puts collectives in the inner loop"
+        else:
+            why = compile_unavailable(self.bank.device)
+        if why is not None:
+            _warn_once(f"mnemonics: compile={compile_mode!r} not used ({why}); the eager engine runs")
+            return
+        f = self._fn
+        self._fn = CompiledExemplarGrad(f.module, f.names, f.params, f.y_all, f.fixed_x, mode=mode, inner_lr=f.alpha,
+                                        inner_steps=f.T, autocast_dtype=f.autocast_dtype, compile_mode=compile_mode)
+        if self.cuda_graph and compile_mode in ("reduce-overhead", "max-autotune"):
+            _warn_once(f"mnemonics: cuda_graph=True not used with compile={compile_mode!r}, which captures its own "
+                       f"CUDA graphs (compile='default' + cuda_graph=True captures the compiled kernels instead)")
+            self.cuda_graph = False
+
+    def _call_fn(self, qx: torch.Tensor, qy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return self._fn(self.bank, qx, qy)
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            if self._fn is self._eager_fn:
+                raise
+            # Compilation itself failed (a torch/inductor limitation here, not a wrong input): say so once and stay
+            # correct on the eager engine, which computes the same gradient.
+            _warn_once(f"mnemonics: the compiled exemplar gradient failed to build ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else ''}); the eager engine runs")
+            self._fn = self._eager_fn
+            return self._fn(self.bank, qx, qy)
+
     def grad(self, qx: torch.Tensor, qy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         qx = qx.to(self.bank.device, non_blocking=True)
         qy = qy.to(self.bank.device, non_blocking=True)
         if not self.cuda_graph:
-            return self._fn(self.bank, qx, qy)
+            return self._call_fn(qx, qy)
         if self._graph is None:
             try:
                 self._graph = _GraphedGrad(self._fn, self.bank, qx, qy)
@@ -670,7 +723,7 @@ def optimise_exemplars(model: nn.Module, exemplars: torch.Tensor, labels: torch.
                        class_means: torch.Tensor | None = None, exemplar_chunk: int | None = None,
                        cuda_graph: bool = False, autocast_dtype: torch.dtype | None = None,
                        lr_scale: str = "none", debug: bool = False, lean_conv: bool = True,
-                       shard_inner: bool = False) -> torch.Tensor:
+                       shard_inner: bool = False, compile_mode: str = "none") -> torch.Tensor:
     """Mnemonics exemplar level (SPEC §5 (b)): `outer_steps` bilevel steps on the exemplar pixels; returns new pixels.
 
     model: IncrementalNet (or DDP around one; the inner module is used). Any nn.Module whose forward(x) returns the
@@ -707,6 +760,9 @@ def optimise_exemplars(model: nn.Module, exemplars: torch.Tensor, labels: torch.
     shard_inner: under torch.distributed, full/first_order split the inner loss's exemplars over the ranks (each
       rank's slice through the T unrolled steps, the inner gradient all-reduced): the inner work per rank drops to
       1/world instead of being replicated; same result up to float summation order (docs/mnemonics.md, DDP).
+    compile_mode: "none" (eager engine) or a torch.compile mode ("default", "reduce-overhead", ...): full/first_order
+      compute the whole outer-step gradient as one torch.func function compiled by torch.compile
+      (methods/compiled_grad.py; same numbers up to rounding). Not with exemplar_chunk or shard_inner (said once).
     progress: a tqdm bar with the latest validation loss. Returns the optimised pixels [M, 3, H, W] (detached).
     """
     next_batch = _batch_source(query)
@@ -714,7 +770,8 @@ def optimise_exemplars(model: nn.Module, exemplars: torch.Tensor, labels: torch.
                            momentum=momentum, weight_decay=weight_decay, num_classes=num_classes,
                            fixed_exemplars=fixed_exemplars, class_means=class_means, exemplar_chunk=exemplar_chunk,
                            cuda_graph=cuda_graph, autocast_dtype=autocast_dtype, process_group=process_group,
-                           lr_scale=lr_scale, debug=debug, lean_conv=lean_conv, shard_inner=shard_inner) as opt:
+                           lr_scale=lr_scale, debug=debug, lean_conv=lean_conv, shard_inner=shard_inner,
+                           compile_mode=compile_mode) as opt:
         bar = None
         if progress:
             from tqdm import tqdm
@@ -757,7 +814,7 @@ def adjust_old_exemplars(model: nn.Module, bank: torch.Tensor, labels: torch.Ten
                          process_group=None, exemplar_chunk: int | None = None, cuda_graph: bool = False,
                          autocast_dtype: torch.dtype | None = None, progress: bool = False,
                          lr_scale: str = "none", debug: bool = False, lean_conv: bool = True,
-                         shard_inner: bool = False) -> torch.Tensor:
+                         shard_inner: bool = False, compile_mode: str = "none") -> torch.Tensor:
     """SPEC §5 (c): adjust exemplars of earlier classes with the exemplars themselves as the validation set.
 
     bank [M, 3, H, W] / labels [M]: ALL seen classes' exemplars (the new classes' too, for balance). Every class is
@@ -798,5 +855,5 @@ def adjust_old_exemplars(model: nn.Module, bank: torch.Tensor, labels: torch.Ten
             process_group=group if world > 1 else None, progress=progress, fixed_exemplars=fixed,
             class_means=class_means, exemplar_chunk=exemplar_chunk, cuda_graph=cuda_graph,
             autocast_dtype=autocast_dtype, lr_scale=lr_scale, debug=debug, lean_conv=lean_conv,
-            shard_inner=shard_inner)
+            shard_inner=shard_inner, compile_mode=compile_mode)
     return out

@@ -14,6 +14,9 @@ Dispatch:
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from . import _extension as ext
@@ -117,12 +120,29 @@ _register_autocast("cpu")
 
 
 # ---- public wrapper ---------------------------------------------------------------------------------------------
+_PLAIN_TORCH = False  # set by plain_torch(): route every call to the differentiable twin
+
+
+@contextlib.contextmanager
+def plain_torch() -> Iterator[None]:
+    """Within the block, cosine_linear computes the plain-PyTorch twin (differentiable to any order) instead of the
+    registered op. For torch.func transforms (grad of grad, vmap), which cannot run a registered autograd kernel
+    ("cannot use C++ torch::autograd::Function with functorch transforms"); methods/compiled_grad.py uses it, and
+    inductor then fuses the twin's few ops itself. Not thread-safe (a module flag, which torch.compile guards on)."""
+    global _PLAIN_TORCH
+    prev, _PLAIN_TORCH = _PLAIN_TORCH, True
+    try:
+        yield
+    finally:
+        _PLAIN_TORCH = prev
+
+
 def cosine_linear(x: torch.Tensor, weight: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """sigma * normalize(x) @ normalize(weight).T (eps 1e-12 as F.normalize), differentiable in all three.
 
     x: [B, D], weight: [C, D] (same dtype: float32, bfloat16 or float16; any strides), sigma: 0-dim floating
     tensor on x's device. Returns [B, C] in x's dtype. float64 on CUDA runs the reference (the kernels are fp32 math).
     """
-    if ext.KERNELS and x.dtype == torch.float64 and x.is_cuda:
+    if _PLAIN_TORCH or (ext.KERNELS and x.dtype == torch.float64 and x.is_cuda):
         return reference_cosine_linear(x, weight, sigma)
     return _fwd(x, weight, sigma)

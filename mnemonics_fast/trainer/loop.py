@@ -120,6 +120,9 @@ class Trainer:
         if (cfg.mnemonics.enabled and cfg.mnemonics.shard_inner and self.dist.world > 1
                 and cfg.mnemonics.mode in SHARDABLE_MODES):
             sel += f" (inner loop sharded over {self.dist.world} ranks)"
+        if cfg.mnemonics.enabled and cfg.mnemonics.compile != "none":
+            sel += (f" (exemplar gradient through torch.compile mode {cfg.mnemonics.compile}: compiles about twice per "
+                    f"phase, worth it only for many outer steps; docs/mnemonics.md)")
         self.log(f"memory: {mem.kind} ({f'{mem.per_class} per class' if mem.kind == 'growing' else f'{mem.total} total'}), "
                  f"{sel}")
         small = torch.nonzero(counts < mem.per_class).flatten().tolist()
@@ -595,7 +598,7 @@ class Trainer:
 
     # Fields that change speed or logging only: they may differ across resume and branch.
     _RESULT_NEUTRAL = {"data": {"num_workers", "cache_dir"},
-                       "mnemonics": {"cuda_graph", "exemplar_chunk", "lean_conv_grad", "shard_inner"},
+                       "mnemonics": {"cuda_graph", "exemplar_chunk", "lean_conv_grad", "shard_inner", "compile"},
                        "train": {"eval_batch_size", "cudnn_benchmark", "compile"}}
 
     def _check_same(self, state: dict, path: Path, sections, what: str, hint: str) -> None:

@@ -46,7 +46,7 @@ def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> Non
                   cuda_graph=cfg.cuda_graph and trainer.device.type == "cuda",
                   autocast_dtype=torch.bfloat16 if cfg.bf16 and trainer.device.type == "cuda" else None,
                   progress=trainer.cfg.run.progress and trainer.dist.is_main, lr_scale=cfg.lr_scale,
-                  lean_conv=cfg.lean_conv_grad, shard_inner=cfg.shard_inner)
+                  lean_conv=cfg.lean_conv_grad, shard_inner=cfg.shard_inner, compile_mode=cfg.compile)
 
     # proto (the released code's surrogate) needs every seen class's mean under the CURRENT model, as that code did
     means = trainer.compute_class_means(model, num_seen) if cfg.mode == "proto" else None
