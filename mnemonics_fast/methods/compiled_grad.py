@@ -30,7 +30,6 @@ off for the CIFAR schedules' 50 + 2 x 20 steps per phase.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Sequence
 
 import torch
@@ -92,7 +91,9 @@ def make_outer_grad(module: nn.Module, names: Sequence[str], *, mode: str, inner
 # Dynamo's guards every time. Shapes are static (dynamic=False): functorch's grad, as Dynamo traces it, specialises
 # the batch size anyway (its autograd call guards Eq(M, 7) even under dynamic=True, measured with torch 2.14), so every
 # new shape set - each phase's exemplar and class counts, with or without fixed exemplars - is one compilation.
-_COMPILED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+# Only the latest module's functions are kept (a run trains one model; each function's closure holds its module, so
+# a cache keyed weakly on the module would still keep every model alive).
+_COMPILED: dict = {"module": None, "fns": {}}
 # Compilations one outer_grad may accumulate before Dynamo runs it eagerly: about two per phase (new classes; the
 # A/B adjustment), 25 phases at most in the protocols, with room.
 RECOMPILE_LIMIT = 128
@@ -100,7 +101,9 @@ RECOMPILE_LIMIT = 128
 
 def _compiled_outer_grad(module, names, **settings):
     key = (tuple(names), tuple(sorted(settings.items(), key=lambda kv: kv[0])))
-    per_module = _COMPILED.setdefault(module, {})
+    if _COMPILED["module"] is not module:
+        _COMPILED["module"], _COMPILED["fns"] = module, {}
+    per_module = _COMPILED["fns"]
     if key not in per_module:
         compile_mode = settings.pop("compile_mode")
         fn = make_outer_grad(module, names, **settings)
