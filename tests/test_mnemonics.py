@@ -646,3 +646,28 @@ def test_compile_mode_where_it_does_not_apply_says_why_and_stays_exact(recwarn):
                            compile_mode="reduce-overhead") as opt:
         assert type(opt._fn).__name__ == "_ExemplarGrad"
     assert any("mode 'head'" in str(w.message) for w in recwarn)
+
+
+def test_compile_failure_says_so_once_and_runs_the_eager_engine(monkeypatch, recwarn):
+    """A Dynamo/inductor failure while building the compiled function is not the caller's error: said once, then the
+    eager engine (the same gradient) runs. A real error in the inputs still raises (it is not a Dynamo exception)."""
+    from mnemonics_fast.methods import compiled_grad, mnemonics as mn
+    from mnemonics_fast.trainer import compile as tc
+    mn._WARNED.clear()
+    monkeypatch.setattr(tc, "compile_unavailable", lambda device: None)
+
+    def boom(self, bank, qx, qy):
+        raise torch._dynamo.exc.TorchDynamoException("inductor could not build it")
+    monkeypatch.setattr(compiled_grad.CompiledExemplarGrad, "__call__", boom)
+    model = make_model()
+    ex, ey, qx, qy = make_data(m=5)
+    with ExemplarOptimiser(model, ex, ey, mode="full", inner_lr=0.05, inner_steps=1, lr=1.0) as opt:
+        want = opt.grad(qx, qy)[0]
+    with ExemplarOptimiser(model, ex, ey, mode="full", inner_lr=0.05, inner_steps=1, lr=1.0,
+                           compile_mode="default") as opt:
+        got = [opt.grad(qx, qy)[0] for _ in range(2)]
+        assert opt._fn is opt._eager_fn
+    said = [str(w.message) for w in recwarn if "failed to build" in str(w.message)]
+    assert len(said) == 1 and "inductor could not build it" in said[0], said
+    for g in got:
+        torch.testing.assert_close(g, want, rtol=0, atol=0)
