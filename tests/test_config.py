@@ -134,6 +134,7 @@ def test_wrong_type_names_the_dotted_key(override, key):
     ("mnemonics.mode=second_order", "mnemonics.mode"),
     ("mnemonics.lr_scale=per_pixel", "mnemonics.lr_scale"),
     ("train.compile=fast", "train.compile"),
+    ("mnemonics.compile=fast", "mnemonics.compile"),
 ])
 def test_bad_choice_names_the_key_and_choices(override, key):
     with pytest.raises(ConfigError) as e:
