@@ -146,7 +146,7 @@ def main():
     sweep_procs = {}
     if sweep:
         alphas = [float(x) for x in a.inner_lrs.split(",")]
-        grid = list(itertools.product([float(x) for x in a.lrs.split(",")], alphas, ["none"]))
+        grid = list(itertools.product([float(x) for x in a.lrs.split(",") if x], alphas, ["none"]))
         grid += list(itertools.product([float(x) for x in a.scaled_lrs.split(",") if x], alphas, ["exemplars"]))
         stop = f"run.stop_after_phase={a.sweep_phases}"
         for name, ov in [("sweep_herding", [stop])] + [
