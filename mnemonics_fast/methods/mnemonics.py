@@ -637,14 +637,14 @@ class ExemplarOptimiser:
                 warnings.warn(f"mnemonics: CUDA-graph capture failed ({type(exc).__name__}: {exc}); running the "
                               f"eager path for this call", stacklevel=2)
                 self.cuda_graph = False
-                return self._fn(self.bank, qx, qy)
+                return self._call_fn(qx, qy)  # a compile failure inside the warm-up is handled there
         if self._graph.matches(qx, qy):
             return self._graph(qx, qy)
         if not self._warned_shape:
             warnings.warn("mnemonics: query batch shape changed; running it eagerly (use fixed-size query batches, "
                           "drop_last=True, to stay on the CUDA graph)", stacklevel=2)
             self._warned_shape = True
-        return self._fn(self.bank, qx, qy)
+        return self._call_fn(qx, qy)
 
     def step(self, qx: torch.Tensor, qy: torch.Tensor) -> torch.Tensor:
         grad, loss = self.grad(qx, qy)
