@@ -70,6 +70,18 @@ def naive_outer_step(model, bank, labels, qx, qy, buf, *, mode, inner_lr, inner_
     return new, g_bank
 
 
+def fp64_grad(mode, m, steps, args, device):
+    """The exemplar gradient of the naive step in float64: the oracle every fp32/TF32/bf16 path is measured against.
+    rel err vs naive compares two rounded paths (they may share their rounding, or both be off); this one does not."""
+    model, bank, labels, qx, qy = make_problem(m, args.image, args.query, device, args.arch)
+    model.double()
+    kw = dict(inner_lr=args.inner_lr, inner_steps=steps, lr=args.lr, momentum=0.9)
+    bank = bank.double()
+    g = naive_outer_step(model, bank, labels, qx.double(), qy, torch.zeros_like(bank), mode=mode, **kw)[1]
+    del model
+    return g.float()
+
+
 def make_problem(m: int, hw: int, query: int, device, arch: str = "resnet32"):
     torch.manual_seed(0)
     model = build_model(arch, MEAN, STD, num_classes=NUM_OLD).to(device)
@@ -106,7 +118,7 @@ class Timer:
         return out
 
 
-def run_variant(name, mode, m, steps, args, device, ref_grad):
+def run_variant(name, mode, m, steps, args, device, ref_grad, fp64_ref=None):
     model, bank, labels, qx, qy = make_problem(m, args.image, args.query, device, args.arch)
     kw = dict(inner_lr=args.inner_lr, inner_steps=steps, lr=args.lr, momentum=0.9)
     cuda = device.type == "cuda"
@@ -149,6 +161,8 @@ def run_variant(name, mode, m, steps, args, device, ref_grad):
             # rounding of 0 flips its mask), so fp32 paths that round differently (chunking, cuDNN algorithms) can
             # differ by ~1e-2 on single pixels while agreeing in norm. Exactness is tested in float64 (tests/).
             row["rel_err_vs_naive"] = float((first - ref_grad).norm() / ref_grad.norm().clamp_min(1e-30))
+        if fp64_ref is not None:
+            row["rel_err_vs_fp64"] = float((first.float() - fp64_ref).norm() / fp64_ref.norm().clamp_min(1e-30))
         if cuda:
             torch.cuda.synchronize()
             row["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
@@ -163,7 +177,7 @@ def run_variant(name, mode, m, steps, args, device, ref_grad):
         print(f"  {name} {mode} M={m} T={steps} failed: {row['error']}", flush=True)
         return row, None
     finally:
-        del model
+        model = None  # free it before the next variant (the timing closure refers to it)
         if cuda:
             torch.cuda.empty_cache()
 
@@ -187,6 +201,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--no-fp64", action="store_true",
+                    help="skip the float64 oracle (rel err vs fp64 column; one extra float64 step per setting)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/mnemonics_<card>_<time>.json)")
     args = ap.parse_args()
     if args.quick:
@@ -210,13 +226,22 @@ def main() -> None:
         f"mnemonics_{card.replace(' ', '_').replace('/', '_')}_{datetime.datetime.now():%Y%m%d_%H%M%S}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    print(f"{'mode':5} {'M':>5} {'T':>2}  {'variant':12} {'ms':>9} {'x naive':>8} {'peak MB':>9} {'rel err':>9}")
+    print(f"{'mode':5} {'M':>5} {'T':>2}  {'variant':12} {'ms':>9} {'x naive':>8} {'peak MB':>9} {'rel err':>9} "
+          f"{'vs fp64':>9}")
     for mode in args.modes.split(","):
         for m in (int(s) for s in args.sizes.split(",")):
             for steps in (int(s) for s in args.steps.split(",")):
                 ref, naive_ms = None, None
+                oracle = None
+                if not args.no_fp64:
+                    try:
+                        oracle = fp64_grad(mode, m, steps, args, device)
+                    except torch.cuda.OutOfMemoryError:
+                        print(f"  float64 oracle {mode} M={m} T={steps}: out of memory, column left empty")
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                 for v in variants:
-                    row, grad = run_variant(v, mode, m, steps, args, device, ref)
+                    row, grad = run_variant(v, mode, m, steps, args, device, ref, oracle)
                     if v == "naive":
                         ref, naive_ms = grad, row.get("ms")
                     if naive_ms and row.get("ms"):
@@ -226,6 +251,7 @@ def main() -> None:
                     sp = f"{row['speedup_vs_naive']:7.1f}x" if "speedup_vs_naive" in row else f"{'-':>8}"
                     pk = f"{row['peak_mb']:9.0f}" if "peak_mb" in row else f"{'-':>9}"
                     er = f"{row['rel_err_vs_naive']:9.1e}" if "rel_err_vs_naive" in row else f"{'-':>9}"
+                    er += f" {row['rel_err_vs_fp64']:9.1e}" if "rel_err_vs_fp64" in row else f" {'-':>9}"
                     note = "  (capture failed: eager)" if row.get("graph_active") is False and "graph" in v else ""
                     if row.get("compiled_active") is False:
                         note += "  (not compiled: eager)"

@@ -6,6 +6,8 @@
 #   bash bench/device_all.sh 2   # ~5 min: tin100a-32 real-data runs (mnemonics sweep; random vs herding vs mnemonics)
 #   bash bench/device_all.sh 3   # ~8 min: the comparison for seeds 1 and 2 (BEST=beta1,alpha[,lr_scale] from part 2), for a
 #                                #         later lease: parts 1 + 2 fill one 15-minute lease
+#   bash bench/device_all.sh 5   # ~6 min: re-verify after part 4's 2026-11-27 H100 run (build, CUDA op tests,
+#                                #         sanitizers), with a 2-seed tin100a-32 comparison running beside it
 #   bash bench/device_all.sh 4   # ~6 min: re-verify after the 2026-11-26 H200 run (build, CUDA op tests, sanitizers),
 #                                #         one mnemonics step: lean_conv A/B (graph vs graph+nolean) and the compiled
 #                                #         engine (mnemonics.compile), the 224x224 ResNet-18 step's peak memory; steps in
@@ -102,6 +104,35 @@ elif [ "$PART" = 4 ]; then
   cat "$WORK/summary.txt" 2>/dev/null | head -n 12
   grep -E "passed|failed|error" "$WORK/test_cuda.log" 2>/dev/null | tail -n 8
   grep -E "SUMMARY|all launch paths" "$WORK/sanitize.log" 2>/dev/null
+elif [ "$PART" = 5 ]; then
+  # After the 2026-11-27 H100 run of part 4 (3 bad-input cases segfaulted: integers streamed into TORCH_CHECK from the
+  # .cu files). The tin100a-32 comparison runs in the background beside the tests (accuracy only; its wall times are
+  # shared-GPU times), so one short call holds both.
+  stamp "build"
+  OUT="$WORK" SECTIONS="env build" DEADLINE=$(cap 130) bash bench/device_check.sh > "$WORK/check_build.txt" 2>&1
+  cp "$WORK/summary.txt" "$WORK/summary_build.txt" 2>/dev/null
+  stamp "tin100a-32: random vs herding vs mnemonics (BEST=${BEST:-0.05,0.01,exemplars}, seeds ${SEEDS:-0,1}), background"
+  timeout "$(cap 560)" "$PY" bench/tin100_experiments.py --root "$DATA" --runs "$WORK/runs" --out "$WORK/tin100.json" \
+    --logs "$WORK/logs" --epochs "${EPOCHS:-4}" --skip-sweep --best "${BEST:-0.05,0.01,exemplars}" \
+    --seeds "${SEEDS:-0,1}" --extra mnemonics.cuda_graph=true > "$WORK/tin100.log" 2>&1 &
+  TIN=$!
+  stamp "CUDA op tests + compute-sanitizer, beside it"
+  mkdir -p "$WORK/check"
+  OUT="$WORK/check" SECTIONS="test_cuda sanitize" DEADLINE=$(cap 170) bash bench/device_check.sh \
+    > "$WORK/check.txt" 2>&1
+  stamp "ResNet-18 224x224 step: peak memory unrolled vs chunked (shared GPU: memory only)"
+  step 60 "$WORK/bench_mnemonics_224.log" "$PY" bench/bench_mnemonics.py --arch resnet18 --image 224 --sizes 100 \
+    --steps 1 --modes full --variants eager,eager+chunk --chunk 25 --query 64 --repeats 2 --warmup 1 \
+    --out "$WORK/bench_mnemonics_224.json"
+  stamp "waiting for tin100"
+  wait "$TIN" || echo "tin100: rc=$?"
+  stamp "done"
+  rm -rf "$WORK"/runs/*/checkpoints "$WORK"/runs/*/tensorboard
+  tail -n 12 "$WORK/tin100.log"
+  tail -n 4 "$WORK/bench_mnemonics_224.log" 2>/dev/null
+  cat "$WORK/check/summary.txt" 2>/dev/null | head -n 8
+  grep -E "passed|failed|error" "$WORK/check/test_cuda.log" 2>/dev/null | tail -n 8
+  grep -E "SUMMARY|all launch paths" "$WORK/check/sanitize.log" 2>/dev/null
 elif [ "$PART" = 3 ]; then
   stamp "tin100a-32 comparison, more seeds (BEST=beta1,alpha[,lr_scale] from part 2)"
   step 560 "$WORK/tin100_seeds.log" "$PY" bench/tin100_experiments.py --root "$DATA" --runs "$WORK/runs" \

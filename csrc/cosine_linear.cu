@@ -64,7 +64,7 @@ int scalar_kind(c10::ScalarType t) {
     case c10::ScalarType::Half: return kScalarF16;
     case c10::ScalarType::BFloat16: return kScalarBF16;
     case c10::ScalarType::Double: return kScalarF64;
-    default: TORCH_CHECK(false, "mnemonics_fast: unsupported sigma dtype ", t);
+    default: TORCH_CHECK(false, "mnemonics_fast: unsupported sigma dtype ", c10::toString(t));
   }
   return kScalarF32;
 }
@@ -76,21 +76,21 @@ int scalar_kind(c10::ScalarType t) {
 void check_cosine_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& sigma) {
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [B, D], got shape ", shape_str(x));
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), op, ": weight must be [C, D] with D = x.size(1) = ",
-              x.size(1), ", got shape ", shape_str(weight));
+              std::to_string(x.size(1)), ", got shape ", shape_str(weight));
   TORCH_CHECK(sigma.dim() == 0, op, ": sigma must be a 0-dim tensor, got shape ", shape_str(sigma));
   TORCH_CHECK(x.is_cuda() && weight.is_cuda() && sigma.is_cuda(), op,
-              ": x, weight and sigma must all be CUDA tensors, got ", x.device(), ", ", weight.device(), ", ",
-              sigma.device());
+              ": x, weight and sigma must all be CUDA tensors, got ", x.device().str(), ", ", weight.device().str(),
+              ", ", sigma.device().str());
   TORCH_CHECK(weight.device() == x.device() && sigma.device() == x.device(), op,
-              ": x, weight and sigma must be on one device, got ", x.device(), ", ", weight.device(), ", ",
-              sigma.device());
+              ": x, weight and sigma must be on one device, got ", x.device().str(), ", ", weight.device().str(),
+              ", ", sigma.device().str());
   const auto t = x.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op,
-              ": x must be float32, float16 or bfloat16 (float64 runs the reference), got ", t);
-  TORCH_CHECK(weight.scalar_type() == t, op, ": x and weight must have the same dtype, got ", t, " and ",
-              weight.scalar_type());
+              ": x must be float32, float16 or bfloat16 (float64 runs the reference), got ", c10::toString(t));
+  TORCH_CHECK(weight.scalar_type() == t, op, ": x and weight must have the same dtype, got ", c10::toString(t), " and ",
+              c10::toString(weight.scalar_type()));
   TORCH_CHECK(at::isFloatingType(sigma.scalar_type()), op, ": sigma must be a floating-point tensor, got ",
-              sigma.scalar_type());
+              c10::toString(sigma.scalar_type()));
 }
 
 template <typename T>
@@ -109,7 +109,8 @@ void launch_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   if (use_fused_path(B, C, D, stream)) {
     const int64_t row_tiles = ceil_div(B, kTile), col_tiles = ceil_div(C, kTile);
     TORCH_CHECK(row_tiles <= 65535 && col_tiles < (int64_t{1} << 31),
-                "cosine_linear: problem too large for the fused path (B = ", B, ", C = ", C, ")");
+                "cosine_linear: problem too large for the fused path (B = ", std::to_string(B),
+                ", C = ", std::to_string(C), ")");
     const dim3 grid(static_cast<unsigned int>(col_tiles), static_cast<unsigned int>(row_tiles));
     cosine_linear_fwd_fused_kernel<T><<<grid, kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -184,7 +185,8 @@ void launch_backward(const at::Tensor& g, const at::Tensor& out, const at::Tenso
 }  // namespace
 
 void set_cosine_linear_path(int path) {
-  TORCH_CHECK(path >= 0 && path <= 2, "cosine_linear path must be 0 (auto), 1 (fused) or 2 (blas), got ", path);
+  TORCH_CHECK(path >= 0 && path <= 2, "cosine_linear path must be 0 (auto), 1 (fused) or 2 (blas), got ",
+              std::to_string(path));
   g_cosine_path.store(path, std::memory_order_relaxed);
 }
 
@@ -212,15 +214,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_linear_backward_cuda(const
   check_cosine_inputs("cosine_linear_backward", x_in, weight_in, sigma);
   const int64_t B = x_in.size(0), D = x_in.size(1), C = weight_in.size(0);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == B && grad_out.size(1) == C,
-              "cosine_linear_backward: grad_out must be [B, C] = [", B, ", ", C, "], got ", shape_str(grad_out));
+              "cosine_linear_backward: grad_out must be [B, C] = [", std::to_string(B), ", ", std::to_string(C),
+              "], got ", shape_str(grad_out));
   TORCH_CHECK(out_in.dim() == 2 && out_in.size(0) == B && out_in.size(1) == C,
-              "cosine_linear_backward: out must be [B, C] = [", B, ", ", C, "], got ", shape_str(out_in));
+              "cosine_linear_backward: out must be [B, C] = [", std::to_string(B), ", ", std::to_string(C), "], got ",
+              shape_str(out_in));
   TORCH_CHECK(grad_out.device() == x_in.device() && out_in.device() == x_in.device(),
-              "cosine_linear_backward: grad_out and out must be on ", x_in.device(), ", got ", grad_out.device(),
-              " and ", out_in.device());
+              "cosine_linear_backward: grad_out and out must be on ", x_in.device().str(), ", got ",
+              grad_out.device().str(), " and ", out_in.device().str());
   TORCH_CHECK(at::isFloatingType(grad_out.scalar_type()) && at::isFloatingType(out_in.scalar_type()),
-              "cosine_linear_backward: grad_out and out must be floating-point, got ", grad_out.scalar_type(), " and ",
-              out_in.scalar_type());
+              "cosine_linear_backward: grad_out and out must be floating-point, got ",
+              c10::toString(grad_out.scalar_type()), " and ", c10::toString(out_in.scalar_type()));
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto t = x_in.scalar_type();
   const at::Tensor x = x_in.contiguous();

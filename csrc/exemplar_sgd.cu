@@ -40,14 +40,14 @@ int max_blocks(int device) {
 
 void check_sgd_tensor(const char* list, size_t i, const at::Tensor& t, const at::Tensor& param,
                       const c10::Device& device) {
-  TORCH_CHECK(t.device() == device, "exemplar_sgd_step_: ", list, "[", i, "] is on ", t.device(),
-              " but params[0] is on ", device);
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "exemplar_sgd_step_: ", list, "[", i, "] must be float32, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "exemplar_sgd_step_: ", list, "[", i,
+  TORCH_CHECK(t.device() == device, "exemplar_sgd_step_: ", list, "[", std::to_string(i), "] is on ", t.device().str(),
+              " but params[0] is on ", device.str());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "exemplar_sgd_step_: ", list, "[", std::to_string(i),
+              "] must be float32, got ", c10::toString(t.scalar_type()));
+  TORCH_CHECK(t.is_contiguous(), "exemplar_sgd_step_: ", list, "[", std::to_string(i),
               "] must be contiguous (keep exemplars in one contiguous bank, see docs/kernels.md)");
-  TORCH_CHECK(t.sizes() == param.sizes(), "exemplar_sgd_step_: ", list, "[", i, "] has shape ", shape_str(t),
-              " but params[", i, "] has shape ", shape_str(param));
+  TORCH_CHECK(t.sizes() == param.sizes(), "exemplar_sgd_step_: ", list, "[", std::to_string(i), "] has shape ",
+              shape_str(t), " but params[", std::to_string(i), "] has shape ", shape_str(param));
 }
 
 }  // namespace
@@ -56,10 +56,11 @@ void exemplar_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
                             double lr, double momentum, double weight_decay, double clamp_min, double clamp_max) {
   TORCH_CHECK(params.size() == grads.size() && params.size() == momentum_buffers.size(),
               "exemplar_sgd_step_: params, grads and momentum_buffers must have the same length, got ",
-              params.size(), ", ", grads.size(), " and ", momentum_buffers.size());
+              std::to_string(params.size()), ", ", std::to_string(grads.size()), " and ",
+              std::to_string(momentum_buffers.size()));
   if (params.empty()) return;
   const c10::Device device = params[0].device();
-  TORCH_CHECK(device.is_cuda(), "exemplar_sgd_step_: params[0] must be a CUDA tensor, got ", device);
+  TORCH_CHECK(device.is_cuda(), "exemplar_sgd_step_: params[0] must be a CUDA tensor, got ", device.str());
   const c10::cuda::CUDAGuard guard(device);
 
   std::vector<SgdTensor> tensors;
@@ -76,8 +77,8 @@ void exemplar_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
     const float* gp = grads[i].const_data_ptr<float>();
     float* bp = momentum_buffers[i].mutable_data_ptr<float>();
     TORCH_CHECK(pp != bp && static_cast<const float*>(pp) != gp && static_cast<const float*>(bp) != gp,
-                "exemplar_sgd_step_: params[", i, "], grads[", i, "] and momentum_buffers[", i,
-                "] must be distinct tensors");
+                "exemplar_sgd_step_: params[", std::to_string(i), "], grads[", std::to_string(i),
+                "] and momentum_buffers[", std::to_string(i), "] must be distinct tensors");
     tensors.push_back(SgdTensor{pp, gp, bp, n, total_chunks});
     total_chunks += sgd_num_chunks(n);
   }
@@ -103,10 +104,10 @@ void exemplar_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
   } else {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    TORCH_CHECK(capture == cudaStreamCaptureStatusNone, "exemplar_sgd_step_: a list of ", tensors.size(),
-                " tensors (more than ", kMaxArgTensors,
+    TORCH_CHECK(capture == cudaStreamCaptureStatusNone, "exemplar_sgd_step_: a list of ",
+                std::to_string(tensors.size()), " tensors (more than ", std::to_string(kMaxArgTensors),
                 ") uploads its pointer table from host memory and cannot be captured in a CUDA graph; pass the "
-                "exemplars as one bank tensor (or at most ", kMaxArgTensors, " tensors)");
+                "exemplars as one bank tensor (or at most ", std::to_string(kMaxArgTensors), " tensors)");
     // Pinned staging from the caching host allocator: the copy below records an event, so the block is not reused
     // before the copy has run.
     at::Tensor host = at::empty({static_cast<int64_t>(table_bytes)},

@@ -8,9 +8,15 @@
 
 namespace mnemonics_fast {
 
-// "[4, 8]": a tensor's shape for error messages, built with std::to_string in ops.cpp (host compiler). The .cu files
-// never stream an IntArrayRef into TORCH_CHECK: on the H200 test machine (torch 2.11, gVisor) exactly those checks
-// crashed the process (SIGSEGV while raising) instead of raising, while checks naming dtypes or devices raised fine.
+// "[4, 8]": a tensor's shape for error messages, built with std::to_string in ops.cpp (host compiler).
+//
+// Rule for every TORCH_CHECK in the .cu files: its message parts are strings only (literals, std::string,
+// std::to_string(n), shape_str(t), device.str(), c10::toString(dtype)), never an integer, IntArrayRef, Device or
+// ScalarType streamed as such. On the GPU test machines (torch 2.11, CUDA 13.0, g++ 13 as nvcc's host compiler; H200
+// 2026-11-26 and H100 2026-11-27) a check that streamed an IntArrayRef, an int64_t or a size_t SIGSEGV'd while raising,
+// instead of raising; checks whose parts were all strings raised fine. After the change all 405 CUDA tests passed on
+// the H100, bad-input cases included, and compute-sanitizer memcheck/racecheck were clean (bench/results/
+// device_check_h100_2026-11-27.txt). The cause inside the ostream path was not pinned down (no debugger time).
 std::string shape_str(const at::Tensor& t);
 
 // ---- cosine_linear (cosine_linear.cu) ---------------------------------------------------------------------------
