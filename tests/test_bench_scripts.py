@@ -56,7 +56,7 @@ def _help(script: str) -> str:
     return r.stdout
 
 
-@pytest.mark.parametrize("part", [1, 2, 3, 4])
+@pytest.mark.parametrize("part", [1, 2, 3, 4, 5])
 def test_device_all_part_runs_and_calls_benchmarks_with_known_flags(tmp_path, part):
     built = sorted(ROOT.glob("mnemonics_fast/_C*"))
     calls = _dry_run(tmp_path, part)
@@ -65,15 +65,17 @@ def test_device_all_part_runs_and_calls_benchmarks_with_known_flags(tmp_path, pa
     expected = {1: {"bench/bench_cosine_autograd.py", "bench/bench_mnemonics.py", "bench/bench_train.py",
                     "bench/profile_mnemonics_step.py"},
                 2: {"bench/tin100_experiments.py"}, 3: {"bench/tin100_experiments.py"},
-                4: {"bench/bench_cosine_autograd.py", "bench/bench_mnemonics.py", "bench/profile_mnemonics_step.py"}}[part]
+                4: {"bench/bench_cosine_autograd.py", "bench/bench_mnemonics.py", "bench/profile_mnemonics_step.py"},
+                5: {"bench/tin100_experiments.py", "bench/bench_mnemonics.py"}}[part]
     assert {c[0] for c in bench_calls} >= expected, calls
     for c in bench_calls:
         assert (ROOT / c[0]).is_file(), c[0]
         known = set(re.findall(r"--[\w-]+", _help(c[0])))
         unknown = _flags(c[1:]) - known
         assert not unknown, f"{c[0]} does not accept {sorted(unknown)} (device_all.sh part {part})"
-    if part in (1, 4):   # the build and the CUDA tests go through device_check.sh with the same Python
+    if part in (1, 4, 5):   # the build (and the CUDA tests) go through device_check.sh with the same Python
         assert any(c[:2] == ["setup.py", "build_ext"] for c in calls), calls
+    if part in (1, 5):
         tests = [c for c in calls if c[:2] == ["-m", "pytest"]]
         assert tests and all((ROOT / a).is_file() for c in tests for a in c if a.startswith("tests/")), tests
 
