@@ -15,6 +15,9 @@ then the sweep together with the random and herding comparison runs (they do not
 mnemonics runs with the sweep's best setting. So the measured wall times are those of a shared card; the herding run's projection is the one to quote for a dedicated card (`--solo-herding`).
 
     python bench/tin100_experiments.py --root ~/.cache/mnemonics_fast/tin100a-32 --out bench/results/tin100_h100.json
+
+On SIGTERM (the `timeout` at the end of a device call) during the comparison it stops the runs and still writes the
+JSON: marked `cut_short`, every run's finished phases, and the summary over the phases every run finished.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -37,7 +41,9 @@ def launch(name: str, overrides: list[str], a, log_dir: Path, seed: int | None =
            f"train.epochs={a.epochs}", f"train.milestones=[{a.epochs // 2},{a.epochs * 3 // 4}]",
            f"seed={a.seed if seed is None else seed}", *a.overrides, *overrides]
     log = open(log_dir / f"{name}.log", "w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    _CHILDREN.append(proc)
+    return proc
 
 
 def wait_all(procs: dict[str, subprocess.Popen]) -> dict[str, int]:
@@ -59,6 +65,73 @@ def pixel_change(a, name: str) -> dict:
         if m:
             out.setdefault(m.group(1), []).append(float(m.group(2)))
     return out
+
+
+class Stopped(Exception):
+    """SIGTERM (e.g. `timeout` at the end of a device call): stop the runs, write what they measured."""
+
+
+def _on_sigterm(signum, frame):
+    raise Stopped()
+
+
+_CHILDREN: list[subprocess.Popen] = []
+
+
+def stop_children(grace_s: float = 10.0) -> None:
+    for p in _CHILDREN:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.time() + grace_s
+    for p in _CHILDREN:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def compare_summary(a, names: list[str], rcs: dict[str, int | None]) -> dict:
+    """The comparison's runs, summarised from their metrics.json files; complete or not. Each run's own average
+    covers the phases it finished; `common_phases` is the last phase every run with metrics reached, and
+    `avg_incremental_acc_common` averages phases 1..common_phases in every run, so runs cut short by a time limit are
+    still compared over the same phases (the summary uses it)."""
+    comp, ms = {}, {}
+    for name in names:
+        m = metrics(a, name)
+        comp[name] = {"rc": rcs.get(name)}
+        if m and len(m["top1"]["cnn"]) > 1:
+            ms[name] = m
+            comp[name].update({
+                "phases_done": len(m["phases"]),
+                "avg_incremental_acc": m["avg_incremental_acc"], "last_acc": m["last_acc"], "top1": m["top1"],
+                "forgetting": m["forgetting"], "pixel_change_uint8_levels": pixel_change(a, name),
+                "phase_wall_s": [p["wall_s"] for p in m["phases"]],
+                "phase_train_img_per_s": [p["train_img_per_s"] for p in m["phases"]],
+                "total_wall_s": sum(p["wall_s"] for p in m["phases"]),
+                "projected_full_schedule_s": projected_full_s(m, a.epochs)})
+    common = min((len(m["top1"]["cnn"]) - 1 for m in ms.values()), default=0)
+    for name, m in ms.items():
+        comp[name]["avg_incremental_acc_common"] = {
+            k: sum(m["top1"][k][1:common + 1]) / common for k in ("cnn", "nme")}
+        print(f"{name:>20}: {comp[name]['phases_done']} phases, avg inc acc CNN "
+              f"{m['avg_incremental_acc']['cnn']:.2f} NME {m['avg_incremental_acc']['nme']:.2f} | "
+              f"{comp[name]['total_wall_s']:.0f} s (projected 160-epoch: "
+              f"{comp[name]['projected_full_schedule_s'] / 60:.1f} min, shared GPU)", flush=True)
+    summary = {}
+    for method in ("random", "herding", "mnemonics"):
+        for kind in ("cnn", "nme"):
+            xs = [r["avg_incremental_acc_common"][kind] for n, r in comp.items()
+                  if n.startswith(f"lucir_{method}") and "avg_incremental_acc_common" in r]
+            if xs:
+                mean = sum(xs) / len(xs)
+                std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else None
+                summary.setdefault(method, {})[kind] = {"mean": mean, "std": std, "n": len(xs)}
+    for method, k in summary.items():
+        print(f"{method:>10} over {k['cnn']['n']} seed(s), phases 1..{common}: CNN {k['cnn']['mean']:.2f}"
+              + (f" +- {k['cnn']['std']:.2f}" if k['cnn']['std'] is not None else "")
+              + f"  NME {k['nme']['mean']:.2f}" + (f" +- {k['nme']['std']:.2f}" if k['nme']['std'] is not None else ""))
+    complete = bool(rcs) and all(rc == 0 for rc in rcs.values())
+    return {"runs": comp, "summary": summary, "common_phases": common, "complete": complete}
 
 
 def projected_full_s(m: dict, epochs: int, full_epochs: int = 160) -> float:
@@ -189,40 +262,17 @@ def main():
     for sd in seeds:
         procs[f"lucir_mnemonics{sfx(sd)}"] = launch(f"lucir_mnemonics{sfx(sd)}",
                                                     [*mn, *_mn_setting(lr, al, scale), *branch(sd)], a, log_dir, sd)
-    rcs = wait_all(procs)
-    comp = {}
-    for name, rc in rcs.items():
-        m = metrics(a, name)
-        comp[name] = {"rc": rc}
-        if m:
-            comp[name].update({
-                "avg_incremental_acc": m["avg_incremental_acc"], "last_acc": m["last_acc"], "top1": m["top1"],
-                "forgetting": m["forgetting"], "pixel_change_uint8_levels": pixel_change(a, name),
-                "phase_wall_s": [p["wall_s"] for p in m["phases"]],
-                "phase_train_img_per_s": [p["train_img_per_s"] for p in m["phases"]],
-                "total_wall_s": sum(p["wall_s"] for p in m["phases"]),
-                "projected_full_schedule_s": projected_full_s(m, a.epochs)})
-            print(f"{name:>20}: avg inc acc CNN {m['avg_incremental_acc']['cnn']:.2f} NME "
-                  f"{m['avg_incremental_acc']['nme']:.2f} | {comp[name]['total_wall_s']:.0f} s "
-                  f"(projected 160-epoch: {comp[name]['projected_full_schedule_s'] / 60:.1f} min, shared GPU)",
-                  flush=True)
-    summary = {}
-    for method in ("random", "herding", "mnemonics"):
-        for kind in ("cnn", "nme"):
-            xs = [r["avg_incremental_acc"][kind] for n, r in comp.items()
-                  if n.startswith(f"lucir_{method}") and "avg_incremental_acc" in r]
-            if xs:
-                mean = sum(xs) / len(xs)
-                std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else None
-                summary.setdefault(method, {})[kind] = {"mean": mean, "std": std, "n": len(xs)}
-    for method, k in summary.items():
-        print(f"{method:>10} over {k['cnn']['n']} seed(s): CNN {k['cnn']['mean']:.2f}"
-              + (f" +- {k['cnn']['std']:.2f}" if k['cnn']['std'] is not None else "")
-              + f"  NME {k['nme']['mean']:.2f}" + (f" +- {k['nme']['std']:.2f}" if k['nme']['std'] is not None else ""))
     result["compare"] = {"mnemonics_setting": {"lr": float(lr), "inner_lr": float(al), "lr_scale": scale},
-                         "seeds": seeds,
-                         "runs": comp, "summary": summary, "shared_phase0_per_seed": True,
+                         "seeds": seeds, "shared_phase0_per_seed": True,
                          "note": "all runs shared one GPU concurrently; wall times include that contention"}
+    try:
+        rcs = wait_all(procs)
+    except Stopped:
+        print("SIGTERM: stopping the runs; summarising the phases they finished", flush=True)
+        stop_children()
+        rcs = {n: p.returncode for n, p in procs.items()}
+        result["cut_short"] = "SIGTERM (time limit): runs stopped; compared over the phases every run finished"
+    result["compare"].update(compare_summary(a, list(procs), rcs))
     result["total_s"] = time.time() - t_start
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -231,4 +281,9 @@ def main():
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        main()
+    except Stopped:  # before the comparison's wait (phase 0, the sweep): nothing to summarise beyond what is written
+        stop_children()
+        sys.exit(143)

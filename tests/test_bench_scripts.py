@@ -3,6 +3,7 @@ benchmark no longer accepts would waste one. Every part runs with a stand-in Pyt
 each recorded `bench/*.py` call must name only flags that script's argparse knows."""
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -91,3 +92,41 @@ def test_bench_shard_inner_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [x["shard_inner"] for x in rows] == [False, True]
     assert rows[1]["max_abs_bank_diff_vs_replicated"] < 1e-5
+
+
+def _tin100_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tin100_experiments", ROOT / "bench" / "tin100_experiments.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tin100_compare_summary_compares_runs_cut_short_over_common_phases(tmp_path):
+    """A time limit stops the comparison's runs at different phases: the summary averages the phases every run
+    finished (here 1..2), so a run that got further is not compared over more (harder) phases."""
+    t = _tin100_module()
+    runs = tmp_path / "runs"
+    accs = {"lucir_random_s0": [50, 40, 30, 20], "lucir_herding_s0": [50, 42, 34, 26], "lucir_mnemonics_s0": [50, 44, 38]}
+    for name, acc in accs.items():
+        (runs / name).mkdir(parents=True)
+        m = {"top1": {"cnn": acc, "nme": [a + 1 for a in acc]},
+             "avg_incremental_acc": {"cnn": sum(acc[1:]) / (len(acc) - 1), "nme": 0.0}, "last_acc": {}, "forgetting": {},
+             "phases": [{"wall_s": 1.0, "train_s": 0.5, "train_img_per_s": 100.0} for _ in acc]}
+        (runs / name / "metrics.json").write_text(json.dumps(m))
+    a = argparse.Namespace(runs=str(runs), epochs=4)
+    rcs = {"lucir_random_s0": 0, "lucir_herding_s0": 0, "lucir_mnemonics_s0": -15}
+    out = t.compare_summary(a, list(accs), rcs)
+    assert out["common_phases"] == 2 and out["complete"] is False
+    assert out["summary"]["random"]["cnn"]["mean"] == 35.0
+    assert out["summary"]["herding"]["cnn"]["mean"] == 38.0
+    assert out["summary"]["mnemonics"]["cnn"]["mean"] == 41.0 and out["summary"]["mnemonics"]["nme"]["mean"] == 42.0
+    assert out["runs"]["lucir_mnemonics_s0"]["phases_done"] == 3
+
+
+def test_tin100_stop_children_ends_every_run(tmp_path):
+    t = _tin100_module()
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    t._CHILDREN.extend(procs)
+    t.stop_children(grace_s=5)
+    assert all(p.poll() is not None for p in procs)
