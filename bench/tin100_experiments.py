@@ -105,6 +105,8 @@ def compare_summary(a, names: list[str], rcs: dict[str, int | None]) -> dict:
                 "phases_done": len(m["phases"]),
                 "avg_incremental_acc": m["avg_incremental_acc"], "last_acc": m["last_acc"], "top1": m["top1"],
                 "forgetting": m["forgetting"], "pixel_change_uint8_levels": pixel_change(a, name),
+                # per phase: pixel change and feature drift of the exemplar levels (b) "new" and (c) "old"
+                "mnemonics_levels": [p.get("mnemonics") for p in m["phases"]],
                 "phase_wall_s": [p["wall_s"] for p in m["phases"]],
                 "phase_train_img_per_s": [p["train_img_per_s"] for p in m["phases"]],
                 "total_wall_s": sum(p["wall_s"] for p in m["phases"]),

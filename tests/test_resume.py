@@ -260,3 +260,26 @@ def test_mnemonics_init_random_picks_the_seeded_random_exemplars(tmp_path):
     assert plain.trainer.memory.ranking.keys() == mn.trainer.memory.ranking.keys()
     for c, r in plain.trainer.memory.ranking.items():
         assert torch.equal(r, mn.trainer.memory.ranking[c]), f"class {c}"
+
+
+def test_mnemonics_reports_feature_drift_in_the_log_and_metrics(tmp_path):
+    """Each exemplar level reports how far it moved the exemplars in feature space (what NME's class means see):
+    cosines before/after in the log line and in the phase's metrics; with beta = 0 nothing moves (cosine 1)."""
+    import json
+
+    moved = run_trainer(tiny_config(tmp_path, name="moved", **{**MN, "mnemonics.lr": 50.0, "mnemonics.old_lr": 50.0}))
+    still = run_trainer(tiny_config(tmp_path, name="still", **{**MN, "mnemonics.lr": 0.0, "mnemonics.old_lr": 0.0}))
+    assert "features vs before: exemplar cosine" in moved.stdout
+    for run, changed in ((moved, True), (still, False)):
+        phases = json.loads((run.run_dir / "metrics.json").read_text())["phases"]
+        assert [("mnemonics" in p, "old" in p.get("mnemonics", {})) for p in phases] == [
+            (True, False), (True, True), (True, True)]
+        for p in phases:
+            for level in p["mnemonics"].values():
+                assert -1.0 <= level["exemplar_feature_cosine_min"] <= level["exemplar_feature_cosine_mean"] <= 1.0
+                assert level["class_mean_cosine_min"] <= level["class_mean_cosine_mean"] <= 1.0 + 1e-6
+                if changed:
+                    assert level["pixel_change_uint8_levels"] > 0 and level["exemplar_feature_cosine_mean"] < 1.0
+                else:
+                    assert level["pixel_change_uint8_levels"] == 0
+                    assert level["exemplar_feature_cosine_min"] > 1.0 - 1e-5

@@ -322,8 +322,7 @@ class Trainer:
         if cfg.memory.kind == "fixed":
             self.memory.trim(m)
         self.select_exemplars(model, new, new_idx, m, phase_seed)
-        if cfg.mnemonics.enabled:
-            self.optimise_exemplars(model, info, new_idx, phase_seed)
+        mnemonics = self.optimise_exemplars(model, info, new_idx, phase_seed) if cfg.mnemonics.enabled else None
 
         # ---- class means (NME) and evaluation on all seen classes
         self.class_means = self.compute_class_means(model, ph.classes_up_to(phase))
@@ -335,6 +334,7 @@ class Trainer:
             "num_classes": ph.classes_up_to(phase), "wall_s": wall, "train_s": stats["train_s"],
             "train_img_per_s": stats["img_per_s"], "peak_mem_mb": peak, "memory_exemplars": len(self.memory),
             "memory_bytes": self.memory.nbytes(self.image_bytes), "epochs": epochs, "final_loss": stats["loss"],
+            **({"mnemonics": mnemonics} if mnemonics else {}),
         })
         self.log(f"phase {phase}: top 1 accuracy CNN: {results['cnn']['top1']:.2f}  NME: {results['nme']['top1']:.2f}"
                  f"  | {wall:.1f} s, train {stats['img_per_s']:.0f} img/s")
@@ -454,9 +454,9 @@ class Trainer:
         for c, r in rankings.items():
             self.memory.set_class(c, r)
 
-    def optimise_exemplars(self, model, info: PhaseInfo, new_idx: torch.Tensor, seed: int) -> None:
+    def optimise_exemplars(self, model, info: PhaseInfo, new_idx: torch.Tensor, seed: int) -> dict:
         from .mnemonics_stage import run_mnemonics
-        run_mnemonics(self, model, info, new_idx, seed)
+        return run_mnemonics(self, model, info, new_idx, seed)
 
     def exemplar_pixels(self, c: int) -> torch.Tensor:
         """Float [m, 3, S, S] in [0, 1] of class c's exemplars (stored pixels, or the real images of its ranking)."""

@@ -6,8 +6,10 @@ data and memory to it.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..data.resident import ResidentTrainLoader
+from ..exemplars.nme import class_mean
 from ..methods.mnemonics import adjust_old_exemplars, optimise_exemplars, quantise_uint8
 
 
@@ -28,16 +30,40 @@ def _store(trainer, bank: torch.Tensor, labels: torch.Tensor, classes) -> None:
         trainer.memory.pixels[c] = quantise_uint8(px).cpu() if uint8 else px.float().cpu()
 
 
-def _change(new: torch.Tensor, old: torch.Tensor) -> str:
+def _change(new: torch.Tensor, old: torch.Tensor) -> tuple[str, float]:
     """How far the pixels moved, also in uint8 levels: under half a level nothing survives uint8 storage, and a
     bilevel gradient's size scales with 1/(number of exemplars in the inner loss), so one beta moves the 1000 base
     exemplars of phase 0 far less than the 100 of a later phase (docs/mnemonics.md; mnemonics.lr_scale=exemplars
-    evens that out)."""
+    evens that out). Returns (log text, uint8 levels)."""
     d = float((new - old).abs().mean())
-    return f"mean |change| {d:.2e} ({d * 255:.2f} uint8 levels)"
+    return f"mean |change| {d:.2e} ({d * 255:.2f} uint8 levels)", d * 255
 
 
-def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> None:
+@torch.no_grad()
+def _feature_drift(trainer, model, before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor,
+                   classes) -> tuple[str, dict]:
+    """How far the exemplar level moved the exemplars where it matters: in the model's feature space, which the NME
+    class means and the next phases' training see. A few uint8 levels along a gradient direction can move a network's
+    features a lot (the tin100a-32 runs lost NME that way; docs/mnemonics.md). Cosine of each exemplar's normalised
+    features before/after, and of each class's NME mean (single view) before/after. Same pixels on every rank, so the
+    same numbers; no collective."""
+    was_training = model.training
+    fb = F.normalize(trainer.pixel_features(model, before), dim=1)
+    fa = F.normalize(trainer.pixel_features(model, after), dim=1)
+    model.train(was_training)
+    per = (fb * fa).sum(1)
+    labels = labels.to(fb.device)
+    means = torch.stack([class_mean(fb[labels == c]) @ class_mean(fa[labels == c]) for c in classes])
+    out = {"exemplar_feature_cosine_mean": float(per.mean()), "exemplar_feature_cosine_min": float(per.min()),
+           "class_mean_cosine_mean": float(means.mean()), "class_mean_cosine_min": float(means.min())}
+    return (f"features vs before: exemplar cosine {out['exemplar_feature_cosine_mean']:.4f} (min "
+            f"{out['exemplar_feature_cosine_min']:.4f}), class mean cosine {out['class_mean_cosine_mean']:.5f} (min "
+            f"{out['class_mean_cosine_min']:.5f})"), out
+
+
+def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> dict:
+    """Runs (b) and (c); returns what they did, for the phase's metrics: per level, the pixel change in uint8 levels
+    and the feature drift of `_feature_drift`."""
     cfg = trainer.cfg.mnemonics
     num_seen = info.num_old + info.num_new
     new = list(range(info.num_old, num_seen))
@@ -66,8 +92,12 @@ def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> Non
                                 class_means=means, **common)
     _store(trainer, new_px, labels, new)
     scaled = cfg.lr_scale == "exemplars"
+    text, levels = _change(new_px, pixels)
+    stored = torch.cat([trainer.exemplar_pixels(c) for c in new]).to(trainer.device)  # as kept (uint8: rounded)
+    drift_text, drift = _feature_drift(trainer, model, pixels, stored, labels, new)
     trainer.log(f"mnemonics (b): {len(labels)} exemplars of {len(new)} new classes, {cfg.outer_steps} outer steps, "
-                f"beta1 {cfg.lr:g}" + (f" x {len(labels)} exemplars" if scaled else "") + f", {_change(new_px, pixels)}")
+                f"beta1 {cfg.lr:g}" + (f" x {len(labels)} exemplars" if scaled else "") + f", {text}; {drift_text}")
+    report = {"new": {"pixel_change_uint8_levels": levels, **drift}}
 
     # (c) old classes: every class split in halves A/B, each validated on the other (new classes included for balance)
     if cfg.adjust_old and info.num_old > 0 and cfg.old_outer_steps > 0:
@@ -81,6 +111,12 @@ def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> Non
                                    query_batch_size=cfg.query_batch_size, class_means=means,
                                    update_mask=lab < info.num_old, **common)
         _store(trainer, out, lab, range(info.num_old))
-        trainer.log(f"mnemonics (c): adjusted {int((lab < info.num_old).sum())} old-class exemplars, beta2 "
+        text, levels = _change(out, bank)
+        old = lab < info.num_old
+        stored = torch.cat([trainer.exemplar_pixels(c) for c in range(info.num_old)]).to(trainer.device)
+        drift_text, drift = _feature_drift(trainer, model, bank[old], stored, lab[old], range(info.num_old))
+        trainer.log(f"mnemonics (c): adjusted {int(old.sum())} old-class exemplars, beta2 "
                     f"{cfg.old_lr:g}" + (f" x about {len(lab) // 2} exemplars (one half)" if scaled else "")
-                    + f", {_change(out, bank)}")
+                    + f", {text}; {drift_text}")
+        report["old"] = {"pixel_change_uint8_levels": levels, **drift}
+    return report
