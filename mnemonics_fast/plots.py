@@ -5,6 +5,9 @@
     python -m mnemonics_fast.plots tsne --run runs/NAME_OF_A_MNEMONICS_RUN [--classes 5] [--phases 0 LAST]
         the paper's Figure 1: t-SNE of 5 classes' exemplars - random, herding and mnemonics - over the features of
         those classes' real training images, in two phases (features from each phase's checkpointed model)
+    python -m mnemonics_fast.plots drift --run runs/NAME_OF_A_MNEMONICS_RUN [--compare runs/OTHER ...]
+        per phase, how far each exemplar level moved the exemplars: pixels (uint8 levels) and features (cosine of
+        each exemplar's and each class mean's features to where they started), new classes (b) and old classes (c)
 """
 from __future__ import annotations
 
@@ -36,6 +39,38 @@ def plot_curve(runs: list[Path], out: Path) -> Path:
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=150)
+    plt.close(fig)
+    return out
+
+
+def plot_drift(runs: list[Path], out: Path) -> Path:
+    """From metrics.json's per-phase "mnemonics" reports (trainer/mnemonics_stage.py)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    panels = (("pixel_change_uint8_levels", "mean |pixel change| (uint8 levels)"),
+              ("exemplar_feature_cosine_mean", "exemplar features: cosine to start (mean)"),
+              ("class_mean_cosine_mean", "NME class means: cosine to start (mean)"))
+    for run in runs:
+        phases = json.loads((run / "metrics.json").read_text())["phases"]
+        if not any("mnemonics" in p for p in phases):
+            raise SystemExit(f"error: {run} has no exemplar-level reports in metrics.json (mnemonics.enabled was false, "
+                             "or the run predates them)")
+        for level, style in (("new", "-o"), ("old", "--s")):
+            pts = [(p["phase"], p["mnemonics"][level]) for p in phases if level in p.get("mnemonics", {})]
+            if not pts:
+                continue
+            for ax, (key, _) in zip(axes, panels):
+                ax.plot([ph for ph, _ in pts], [r[key] for _, r in pts], style, ms=3,
+                        label=f"{run.name} ({'b' if level == 'new' else 'c'}: {level} classes)")
+    from matplotlib.ticker import MaxNLocator
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_xlabel("phase")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=150)
     plt.close(fig)
@@ -117,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--run", required=True, type=Path)
     c.add_argument("--compare", nargs="*", type=Path, default=[])
     c.add_argument("--out", type=Path, default=None)
+    d = sub.add_parser("drift")
+    d.add_argument("--run", required=True, type=Path)
+    d.add_argument("--compare", nargs="*", type=Path, default=[])
+    d.add_argument("--out", type=Path, default=None)
     t = sub.add_parser("tsne")
     t.add_argument("--run", required=True, type=Path)
     t.add_argument("--classes", type=int, default=5)
@@ -128,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.cmd == "curve":
         out = plot_curve([a.run, *a.compare], a.out or a.run / "accuracy_curve.png")
+    elif a.cmd == "drift":
+        out = plot_drift([a.run, *a.compare], a.out or a.run / "exemplar_drift.png")
     else:
         out = plot_tsne(a.run, a.out or a.run / "tsne_exemplars.png", a.classes, a.phases)
     print(f"wrote {out}")
