@@ -11,6 +11,9 @@
 #                                #         profile. Steps in priority order, skipped (not cut) when BUDGET runs out
 #   bash bench/device_all.sh 5   # ~6 min: build, CUDA op tests and sanitizers (what verified the kernels on the H100,
 #                                #         2026-11-27), with a 2-seed tin100a-32 comparison running beside them
+#   bash bench/device_all.sh 6   # ~6 min: build, then the trainer with the kernels vs with the references
+#                                #         (MNEMONICS_FAST_FORCE_REFERENCE=1) on tin100a-32, 3 seeds (MN=1: with the
+#                                #         exemplar level)
 #
 # Needs the development set as .devdata/tin100a-32.tar.xz (git-ignored; copy it from ../shared/data) for part 1's
 # training benchmark and for part 2. Everything is written under $WORK and packed into $OUT/device_part<N>.tgz
@@ -125,6 +128,17 @@ elif [ "$PART" = 5 ]; then
   cat "$WORK/check/summary.txt" 2>/dev/null | head -n 8
   grep -E "passed|failed|error" "$WORK/check/test_cuda.log" 2>/dev/null | tail -n 8
   grep -E "SUMMARY|all launch paths" "$WORK/check/sanitize.log" 2>/dev/null
+elif [ "$PART" = 6 ]; then
+  # #4's last check: the trainer with the kernels vs with MNEMONICS_FAST_FORCE_REFERENCE=1, same seeds, all at once
+  stamp "build"
+  OUT="$WORK" SECTIONS="env build" DEADLINE=$(cap 130) bash bench/device_check.sh > "$WORK/check.txt" 2>&1
+  stamp "trainer A/B: kernels vs references, tin100a-32, seeds ${SEEDS:-0,1,2}${MN:+, with the exemplar level}"
+  step 560 "$WORK/kernels_ab.log" "$PY" bench/kernels_ab_train.py --root "$DATA" --runs "$WORK/runs" \
+    --out "$WORK/kernels_ab.json" --logs "$WORK/logs" --epochs "${EPOCHS:-4}" --seeds "${SEEDS:-0,1,2}" \
+    ${MN:+--mnemonics --overrides mnemonics.cuda_graph=true}
+  stamp "done"
+  rm -rf "$WORK"/runs/*/checkpoints "$WORK"/runs/*/tensorboard
+  tail -n 8 "$WORK/kernels_ab.log"
 elif [ "$PART" = 3 ]; then
   stamp "tin100a-32 comparison, more seeds (BEST=beta1,alpha[,lr_scale] from part 2)"
   step 560 "$WORK/tin100_seeds.log" "$PY" bench/tin100_experiments.py --root "$DATA" --runs "$WORK/runs" \

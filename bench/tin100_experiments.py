@@ -35,13 +35,16 @@ from pathlib import Path
 import torch
 
 
-def launch(name: str, overrides: list[str], a, log_dir: Path, seed: int | None = None) -> subprocess.Popen:
+def launch(name: str, overrides: list[str], a, log_dir: Path, seed: int | None = None,
+           env: dict[str, str] | None = None) -> subprocess.Popen:
+    """One training run as its own process (a.config, a.root, a.runs, a.epochs, a.seed, a.overrides; `env` adds to
+    this process's environment); its console output goes to log_dir/name.log."""
     cmd = [sys.executable, "-m", "mnemonics_fast.train", "--config", a.config,
            *([f"data.root={a.root}"] if a.root else []), f"run.output_dir={a.runs}", f"run.name={name}", "run.progress=false", "run.tensorboard=false",
            f"train.epochs={a.epochs}", f"train.milestones=[{a.epochs // 2},{a.epochs * 3 // 4}]",
            f"seed={a.seed if seed is None else seed}", *a.overrides, *overrides]
     log = open(log_dir / f"{name}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     _CHILDREN.append(proc)
     return proc
 

@@ -57,7 +57,7 @@ def _help(script: str) -> str:
     return r.stdout
 
 
-@pytest.mark.parametrize("part", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("part", [1, 2, 3, 4, 5, 6])
 def test_device_all_part_runs_and_calls_benchmarks_with_known_flags(tmp_path, part):
     built = sorted(ROOT.glob("mnemonics_fast/_C*"))
     calls = _dry_run(tmp_path, part)
@@ -67,14 +67,15 @@ def test_device_all_part_runs_and_calls_benchmarks_with_known_flags(tmp_path, pa
                     "bench/profile_mnemonics_step.py"},
                 2: {"bench/tin100_experiments.py"}, 3: {"bench/tin100_experiments.py"},
                 4: {"bench/bench_cosine_autograd.py", "bench/bench_mnemonics.py", "bench/profile_mnemonics_step.py"},
-                5: {"bench/tin100_experiments.py", "bench/bench_mnemonics.py"}}[part]
+                5: {"bench/tin100_experiments.py", "bench/bench_mnemonics.py"},
+                6: {"bench/kernels_ab_train.py"}}[part]
     assert {c[0] for c in bench_calls} >= expected, calls
     for c in bench_calls:
         assert (ROOT / c[0]).is_file(), c[0]
         known = set(re.findall(r"--[\w-]+", _help(c[0])))
         unknown = _flags(c[1:]) - known
         assert not unknown, f"{c[0]} does not accept {sorted(unknown)} (device_all.sh part {part})"
-    if part in (1, 4, 5):   # the build (and the CUDA tests) go through device_check.sh with the same Python
+    if part in (1, 4, 5, 6):   # the build (and the CUDA tests) go through device_check.sh with the same Python
         assert any(c[:2] == ["setup.py", "build_ext"] for c in calls), calls
     if part in (1, 5):
         tests = [c for c in calls if c[:2] == ["-m", "pytest"]]
@@ -130,3 +131,22 @@ def test_tin100_stop_children_ends_every_run(tmp_path):
     t._CHILDREN.extend(procs)
     t.stop_children(grace_s=5)
     assert all(p.poll() is not None for p in procs)
+
+
+def test_kernels_ab_summary_pairs_each_seed_over_the_phases_both_ways_finished(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("kernels_ab_train", ROOT / "bench" / "kernels_ab_train.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    runs = tmp_path / "runs"
+    accs = {"kernels_s0": [60, 50, 40], "reference_s0": [60, 52], "kernels_s1": [70, 60], "reference_s1": [69, 59]}
+    for name, acc in accs.items():
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.json").write_text(json.dumps({"top1": {"cnn": acc, "nme": acc}}))
+        way = "plain-PyTorch reference (MNEMONICS_FAST_FORCE_REFERENCE=1); ..." if name.startswith("ref") else "cuda"
+        (runs / name / "log.txt").write_text(f"[t] something\n[t] ops: {way}\n")
+    out = ab.summarise(argparse.Namespace(runs=str(runs)), [0, 1], {n: 0 for n in accs})
+    assert [(p["seed"], p["phases"]) for p in out["pairs"]] == [(0, 2), (1, 2)]
+    assert [p["diff"]["cnn"] for p in out["pairs"]] == [-1.0, 1.0]
+    assert out["summary"]["cnn"]["diff"]["mean"] == 0.0 and out["summary"]["cnn"]["diff"]["n"] == 2
+    assert out["runs"]["reference_s1"]["ops"].startswith("plain-PyTorch reference") and out["complete"]
