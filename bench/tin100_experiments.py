@@ -236,27 +236,44 @@ def main():
                                                  a, log_dir, sd)
         procs[f"lucir_herding{sfx(sd)}"] = launch(f"lucir_herding{sfx(sd)}", branch(sd), a, log_dir, sd)
     if sweep:
-        rcs = wait_all(sweep_procs)
+        try:
+            rcs = wait_all(sweep_procs)
+            stopped = False
+        except Stopped:
+            print("SIGTERM during the sweep: stopping every run; scoring the phases they finished", flush=True)
+            stop_children()
+            rcs, stopped = {n: p.returncode for n, p in sweep_procs.items()}, True
+        ms = {name: metrics(a, name) for name in rcs}
+        # scored over the incremental phases every sweep run finished (all of them, unless a time limit cut it)
+        k = min((len(m["top1"]["cnn"]) - 1 for m in ms.values() if m and len(m["top1"]["cnn"]) > 1), default=0)
         rows = []
         for name, rc in rcs.items():
-            m = metrics(a, name)
-            inc = m["top1"]["cnn"][1:] if m else []
-            rows.append({"name": name, "rc": rc, "incremental_cnn": inc, "incremental_nme": m["top1"]["nme"][1:] if m else [],
+            m = ms[name]
+            inc = m["top1"]["cnn"][1:k + 1] if m and len(m["top1"]["cnn"]) > k else []
+            rows.append({"name": name, "rc": rc, "incremental_cnn": m["top1"]["cnn"][1:] if m else [],
+                         "incremental_nme": m["top1"]["nme"][1:] if m else [],
                          "score_avg_cnn": sum(inc) / len(inc) if inc else None,
-                         "pixel_change_uint8_levels": pixel_change(a, name)})
-            print(f"sweep {name:>28}: rc {rc}  avg CNN over phases 1..{a.sweep_phases}: {rows[-1]['score_avg_cnn']}",
-                  flush=True)
+                         "pixel_change_uint8_levels": pixel_change(a, name),
+                         "mnemonics_levels": [p.get("mnemonics") for p in m["phases"]] if m else []})
+            print(f"sweep {name:>28}: rc {rc}  avg CNN over phases 1..{k}: {rows[-1]['score_avg_cnn']}", flush=True)
         ok = [r for r in rows if r["name"] != "sweep_herding" and r["score_avg_cnn"] is not None]
         best = max(ok, key=lambda r: r["score_avg_cnn"]) if ok else None
-        result["sweep"] = {"phases": a.sweep_phases, "grid": {"lr": a.lrs, "inner_lr": a.inner_lrs,
-                                                              "lr_scale=exemplars lr": a.scaled_lrs},
+        result["sweep"] = {"phases": a.sweep_phases, "scored_phases": k,
+                           "grid": {"lr": a.lrs, "inner_lr": a.inner_lrs, "lr_scale=exemplars lr": a.scaled_lrs},
                            "rows": rows, "best": best["name"] if best else None}
         if best:
             a.best = ",".join(_parse_sweep_name(best["name"]))
         # written now too, so a run cut short by its time limit keeps the sweep
+        if stopped:
+            result["cut_short"] = "SIGTERM (time limit) during the sweep: scored over the phases every run finished"
+            # the random/herding comparison runs started beside the sweep: what they finished
+            result["compare"] = compare_summary(a, list(procs), {n: p.returncode for n, p in procs.items()})
         result["total_s"] = time.time() - t_start
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+        if stopped:
+            print(f"wrote {a.out} (sweep cut short) in {result['total_s']:.0f} s")
+            return
     lr, al, *rest = (a.best or "1,0.01").split(",")
     scale = rest[0] if rest else "none"
     if a.sweep_only:
