@@ -58,3 +58,25 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
     from mnemonics_fast.plots import main
     assert main(["curve", "--run", str(tmp_path)]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_exemplar_drift_script_reads_a_runs_checkpoints(runs, tmp_path):
+    """bench/exemplar_drift.py (for runs that predate the trainer's drift report) agrees with what the trainer logged
+    for the same level, and refuses a run without optimised pixels."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("exemplar_drift", root / "bench" / "exemplar_drift.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    mn, plain = runs
+    out = tmp_path / "drift.json"
+    assert tool.main(["--runs", str(mn), "--phase", "0", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    logged = json.loads((mn / "metrics.json").read_text())["phases"][0]["mnemonics"]["new"]
+    assert row["classes"] == 2 and 0 <= row["classes_moved_beyond_nearest_neighbour"] <= 2
+    assert abs(row["class_mean_cosine_mean"] - logged["class_mean_cosine_mean"]) < 1e-4
+    assert abs(row["exemplar_feature_cosine_min"] - logged["exemplar_feature_cosine_min"]) < 1e-4
+    with pytest.raises(SystemExit, match="no optimised pixels"):
+        tool.main(["--runs", str(plain)])
