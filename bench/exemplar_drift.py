@@ -69,7 +69,7 @@ def drift(run: Path, phase: int, images_cache: dict) -> dict:
             "exemplar_feature_cosine_mean": float(ex.mean()), "exemplar_feature_cosine_min": float(ex.min()),
             "class_mean_cosine_mean": float(cm.mean()), "class_mean_cosine_min": float(cm.min()),
             "nearest_other_class_mean_cosine_mean": float(nearest.mean()),
-            "classes_moved_beyond_nearest_neighbour": int((cm < nearest).sum())}
+            "classes_moved_past_nearest_neighbour": int((cm < nearest).sum())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['run']:>24} phase {r['phase']}: {r['pixel_change_uint8_levels']:.2f} uint8 levels | exemplar cosine "
               f"{r['exemplar_feature_cosine_mean']:.4f} (min {r['exemplar_feature_cosine_min']:.4f}) | class mean "
               f"cosine {r['class_mean_cosine_mean']:.4f} (min {r['class_mean_cosine_min']:.4f}) | nearest other "
-              f"class {r['nearest_other_class_mean_cosine_mean']:.4f} | {r['classes_moved_beyond_nearest_neighbour']}"
+              f"class {r['nearest_other_class_mean_cosine_mean']:.4f} | {r['classes_moved_past_nearest_neighbour']}"
               f" of {r['classes']} classes moved further than that")
     if a.out:
         a.out.write_text(json.dumps({"bench": "exemplar_drift", "rows": rows}, indent=2) + "\n")

@@ -75,8 +75,10 @@ def test_exemplar_drift_script_reads_a_runs_checkpoints(runs, tmp_path):
     assert tool.main(["--runs", str(mn), "--phase", "0", "--out", str(out)]) == 0
     row = json.loads(out.read_text())["rows"][0]
     logged = json.loads((mn / "metrics.json").read_text())["phases"][0]["mnemonics"]["new"]
-    assert row["classes"] == 2 and 0 <= row["classes_moved_beyond_nearest_neighbour"] <= 2
+    assert row["classes"] == 2 and 0 <= row["classes_moved_past_nearest_neighbour"] <= 2
     assert abs(row["class_mean_cosine_mean"] - logged["class_mean_cosine_mean"]) < 1e-4
     assert abs(row["exemplar_feature_cosine_min"] - logged["exemplar_feature_cosine_min"]) < 1e-4
+    assert abs(row["nearest_other_class_mean_cosine_mean"] - logged["nearest_other_class_mean_cosine_mean"]) < 1e-4
+    assert row["classes_moved_past_nearest_neighbour"] == logged["classes_moved_past_nearest_neighbour"]
     with pytest.raises(SystemExit, match="no optimised pixels"):
         tool.main(["--runs", str(plain)])

@@ -278,8 +278,10 @@ def test_mnemonics_reports_feature_drift_in_the_log_and_metrics(tmp_path):
             for level in p["mnemonics"].values():
                 assert -1.0 <= level["exemplar_feature_cosine_min"] <= level["exemplar_feature_cosine_mean"] <= 1.0
                 assert level["class_mean_cosine_min"] <= level["class_mean_cosine_mean"] <= 1.0 + 1e-6
+                assert -1.0 <= level["nearest_other_class_mean_cosine_mean"] <= 1.0 + 1e-6
                 if changed:
                     assert level["pixel_change_uint8_levels"] > 0 and level["exemplar_feature_cosine_mean"] < 1.0
                 else:
                     assert level["pixel_change_uint8_levels"] == 0
                     assert level["exemplar_feature_cosine_min"] > 1.0 - 1e-5
+                    assert level["classes_moved_past_nearest_neighbour"] == 0

@@ -40,25 +40,43 @@ def _change(new: torch.Tensor, old: torch.Tensor) -> tuple[str, float]:
 
 
 @torch.no_grad()
+def _seen_class_means(trainer, model, classes) -> torch.Tensor:
+    """[C, d] normalised NME means (single view) of every seen class's current exemplars, before the exemplar level:
+    the scale for `_feature_drift` (how close each class already is to its nearest neighbour)."""
+    was_training = model.training
+    means = torch.stack([class_mean(trainer.pixel_features(model, trainer.exemplar_pixels(c))) for c in classes])
+    model.train(was_training)
+    return means
+
+
+@torch.no_grad()
 def _feature_drift(trainer, model, before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor,
-                   classes) -> tuple[str, dict]:
+                   classes, seen_means: torch.Tensor) -> tuple[str, dict]:
     """How far the exemplar level moved the exemplars where it matters: in the model's feature space, which the NME
     class means and the next phases' training see. A few uint8 levels along a gradient direction can move a network's
     features a lot (the tin100a-32 runs lost NME that way; docs/mnemonics.md). Cosine of each exemplar's normalised
-    features before/after, and of each class's NME mean (single view) before/after. Same pixels on every rank, so the
-    same numbers; no collective."""
+    features before/after, and of each class's NME mean (single view) before/after; for scale, how many classes'
+    means moved further than the distance from their start to the nearest other seen class's mean (`seen_means`).
+    Same pixels on every rank, so the same numbers; no collective."""
     was_training = model.training
     fb = F.normalize(trainer.pixel_features(model, before), dim=1)
     fa = F.normalize(trainer.pixel_features(model, after), dim=1)
     model.train(was_training)
     per = (fb * fa).sum(1)
     labels = labels.to(fb.device)
+    classes = list(classes)
     means = torch.stack([class_mean(fb[labels == c]) @ class_mean(fa[labels == c]) for c in classes])
+    sim = seen_means @ seen_means.T
+    sim.fill_diagonal_(-2.0)
+    nearest = sim.max(1).values[classes] if len(seen_means) > 1 else torch.full_like(means, -1.0)
     out = {"exemplar_feature_cosine_mean": float(per.mean()), "exemplar_feature_cosine_min": float(per.min()),
-           "class_mean_cosine_mean": float(means.mean()), "class_mean_cosine_min": float(means.min())}
+           "class_mean_cosine_mean": float(means.mean()), "class_mean_cosine_min": float(means.min()),
+           "nearest_other_class_mean_cosine_mean": float(nearest.mean()),
+           "classes_moved_past_nearest_neighbour": int((means < nearest).sum())}
     return (f"features vs before: exemplar cosine {out['exemplar_feature_cosine_mean']:.4f} (min "
             f"{out['exemplar_feature_cosine_min']:.4f}), class mean cosine {out['class_mean_cosine_mean']:.5f} (min "
-            f"{out['class_mean_cosine_min']:.5f})"), out
+            f"{out['class_mean_cosine_min']:.5f}; nearest other class {out['nearest_other_class_mean_cosine_mean']:.4f},"
+            f" {out['classes_moved_past_nearest_neighbour']} of {len(classes)} moved further)"), out
 
 
 def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> dict:
@@ -77,6 +95,8 @@ def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> dic
     # proto (the released code's surrogate) needs every seen class's mean under the CURRENT model, as that code did
     means = trainer.compute_class_means(model, num_seen) if cfg.mode == "proto" else None
 
+    seen_means = _seen_class_means(trainer, model, range(num_seen))  # the scale of the drift report
+
     # (b) new classes: bilevel steps against augmented batches of the phase's real new-class data
     pixels = torch.cat([trainer.exemplar_pixels(c) for c in new]).to(trainer.device)
     labels = torch.cat([torch.full((len(trainer.memory.ranking[c]),), c, dtype=torch.long) for c in new])
@@ -94,7 +114,7 @@ def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> dic
     scaled = cfg.lr_scale == "exemplars"
     text, levels = _change(new_px, pixels)
     stored = torch.cat([trainer.exemplar_pixels(c) for c in new]).to(trainer.device)  # as kept (uint8: rounded)
-    drift_text, drift = _feature_drift(trainer, model, pixels, stored, labels, new)
+    drift_text, drift = _feature_drift(trainer, model, pixels, stored, labels, new, seen_means)
     trainer.log(f"mnemonics (b): {len(labels)} exemplars of {len(new)} new classes, {cfg.outer_steps} outer steps, "
                 f"beta1 {cfg.lr:g}" + (f" x {len(labels)} exemplars" if scaled else "") + f", {text}; {drift_text}")
     report = {"new": {"pixel_change_uint8_levels": levels, **drift}}
@@ -114,7 +134,8 @@ def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> dic
         text, levels = _change(out, bank)
         old = lab < info.num_old
         stored = torch.cat([trainer.exemplar_pixels(c) for c in range(info.num_old)]).to(trainer.device)
-        drift_text, drift = _feature_drift(trainer, model, bank[old], stored, lab[old], range(info.num_old))
+        drift_text, drift = _feature_drift(trainer, model, bank[old], stored, lab[old], range(info.num_old),
+                                           seen_means)
         trainer.log(f"mnemonics (c): adjusted {int(old.sum())} old-class exemplars, beta2 "
                     f"{cfg.old_lr:g}" + (f" x about {len(lab) // 2} exemplars (one half)" if scaled else "")
                     + f", {text}; {drift_text}")
