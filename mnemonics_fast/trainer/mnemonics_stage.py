@@ -40,32 +40,27 @@ def _change(new: torch.Tensor, old: torch.Tensor) -> tuple[str, float]:
 
 
 @torch.no_grad()
-def _seen_class_means(trainer, model, classes) -> torch.Tensor:
-    """[C, d] normalised NME means (single view) of every seen class's current exemplars, before the exemplar level:
-    the scale for `_feature_drift` (how close each class already is to its nearest neighbour)."""
+def _normalised_features(trainer, model, pixels: torch.Tensor) -> torch.Tensor:
     was_training = model.training
-    means = torch.stack([class_mean(trainer.pixel_features(model, trainer.exemplar_pixels(c))) for c in classes])
+    f = F.normalize(trainer.pixel_features(model, pixels), dim=1)
     model.train(was_training)
-    return means
+    return f
 
 
-@torch.no_grad()
-def _feature_drift(trainer, model, before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor,
-                   classes, seen_means: torch.Tensor) -> tuple[str, dict]:
+def _feature_drift(trainer, model, before: dict, after: torch.Tensor, labels: torch.Tensor, classes,
+                   seen_means: torch.Tensor) -> tuple[str, dict]:
     """How far the exemplar level moved the exemplars where it matters: in the model's feature space, which the NME
     class means and the next phases' training see. A few uint8 levels along a gradient direction can move a network's
     features a lot (the tin100a-32 runs lost NME that way; docs/mnemonics.md). Cosine of each exemplar's normalised
     features before/after, and of each class's NME mean (single view) before/after; for scale, how many classes'
     means moved further than the distance from their start to the nearest other seen class's mean (`seen_means`).
-    Same pixels on every rank, so the same numbers; no collective."""
-    was_training = model.training
-    fb = F.normalize(trainer.pixel_features(model, before), dim=1)
-    fa = F.normalize(trainer.pixel_features(model, after), dim=1)
-    model.train(was_training)
-    per = (fb * fa).sum(1)
-    labels = labels.to(fb.device)
+    `before`: class -> normalised features at the start of the exemplar level; `after`: the stored pixels of
+    `classes`, in class order. Same pixels on every rank, so the same numbers; no collective."""
     classes = list(classes)
-    means = torch.stack([class_mean(fb[labels == c]) @ class_mean(fa[labels == c]) for c in classes])
+    fa = _normalised_features(trainer, model, after)
+    labels = labels.to(fa.device)
+    per = torch.cat([(before[c] * fa[labels == c]).sum(1) for c in classes])
+    means = torch.stack([class_mean(before[c]) @ class_mean(fa[labels == c]) for c in classes])
     sim = seen_means @ seen_means.T
     sim.fill_diagonal_(-2.0)
     nearest = sim.max(1).values[classes] if len(seen_means) > 1 else torch.full_like(means, -1.0)
@@ -95,12 +90,16 @@ def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> dic
     # proto (the released code's surrogate) needs every seen class's mean under the CURRENT model, as that code did
     means = trainer.compute_class_means(model, num_seen) if cfg.mode == "proto" else None
 
-    seen_means = _seen_class_means(trainer, model, range(num_seen))  # the scale of the drift report
-
     # (b) new classes: bilevel steps against augmented batches of the phase's real new-class data
     pixels = torch.cat([trainer.exemplar_pixels(c) for c in new]).to(trainer.device)
-    labels = torch.cat([torch.full((len(trainer.memory.ranking[c]),), c, dtype=torch.long) for c in new])
-    labels = labels.to(trainer.device)
+    # every seen class's exemplar features before the exemplar level, for the drift report (old classes one at a
+    # time: their pixels are not needed here)
+    before = {c: _normalised_features(trainer, model, trainer.exemplar_pixels(c)) for c in range(info.num_old)}
+    f_new = _normalised_features(trainer, model, pixels)
+    labels_cpu = torch.cat([torch.full((len(trainer.memory.ranking[c]),), c, dtype=torch.long) for c in new])
+    before.update({c: f_new[(labels_cpu == c).to(f_new.device)] for c in new})
+    seen_means = torch.stack([class_mean(before[c]) for c in range(num_seen)])
+    labels = labels_cpu.to(trainer.device)
     q_labels = trainer.y_train[new_idx]
     if trainer.ds.resident:
         qloader = ResidentTrainLoader(trainer.x_train, new_idx, q_labels, None, cfg.query_batch_size, trainer.device,
@@ -114,7 +113,7 @@ def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> dic
     scaled = cfg.lr_scale == "exemplars"
     text, levels = _change(new_px, pixels)
     stored = torch.cat([trainer.exemplar_pixels(c) for c in new]).to(trainer.device)  # as kept (uint8: rounded)
-    drift_text, drift = _feature_drift(trainer, model, pixels, stored, labels, new, seen_means)
+    drift_text, drift = _feature_drift(trainer, model, before, stored, labels, new, seen_means)
     trainer.log(f"mnemonics (b): {len(labels)} exemplars of {len(new)} new classes, {cfg.outer_steps} outer steps, "
                 f"beta1 {cfg.lr:g}" + (f" x {len(labels)} exemplars" if scaled else "") + f", {text}; {drift_text}")
     report = {"new": {"pixel_change_uint8_levels": levels, **drift}}
@@ -134,7 +133,7 @@ def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> dic
         text, levels = _change(out, bank)
         old = lab < info.num_old
         stored = torch.cat([trainer.exemplar_pixels(c) for c in range(info.num_old)]).to(trainer.device)
-        drift_text, drift = _feature_drift(trainer, model, bank[old], stored, lab[old], range(info.num_old),
+        drift_text, drift = _feature_drift(trainer, model, before, stored, lab[old], range(info.num_old),
                                            seen_means)
         trainer.log(f"mnemonics (c): adjusted {int(old.sum())} old-class exemplars, beta2 "
                     f"{cfg.old_lr:g}" + (f" x about {len(lab) // 2} exemplars (one half)" if scaled else "")
