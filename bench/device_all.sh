@@ -151,7 +151,7 @@ else
   stamp "tin100a-32 experiments"
   step 500 "$WORK/tin100.log" "$PY" bench/tin100_experiments.py --root "$DATA" --runs "$WORK/runs" \
     --out "$WORK/tin100.json" --logs "$WORK/logs" --epochs "${EPOCHS:-10}" --lrs "${LRS:-0.3,1}" \
-    --inner-lrs "${ALPHAS:-0.01}" --scaled-lrs "${SCALED_LRS:-0.01,0.05}" --extra mnemonics.cuda_graph=true
+    --inner-lrs "${ALPHAS:-0.01}" --scaled-lrs "${SCALED_LRS:-0.002,0.01}" --extra mnemonics.cuda_graph=true
   stamp "done"
   rm -rf "$WORK"/runs/*/checkpoints "$WORK"/runs/*/tensorboard
   cat "$WORK/tin100.log" | tail -n 30
