@@ -48,10 +48,12 @@ def plot_curve(runs: list[Path], out: Path) -> Path:
 def plot_drift(runs: list[Path], out: Path) -> Path:
     """From metrics.json's per-phase "mnemonics" reports (trainer/mnemonics_stage.py)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     panels = (("pixel_change_uint8_levels", "mean |pixel change| (uint8 levels)"),
               ("exemplar_feature_cosine_mean", "exemplar features: cosine to start (mean)"),
-              ("class_mean_cosine_mean", "NME class means: cosine to start (mean)"))
+              ("class_mean_cosine_mean", "NME class means: cosine to start (mean)"),
+              ("classes_moved_past_nearest_neighbour", "classes whose mean moved past its nearest other class"))
+    drawn: set[str] = set()
     for run in runs:
         phases = json.loads((run / "metrics.json").read_text())["phases"]
         if not any("mnemonics" in p for p in phases):
@@ -62,12 +64,20 @@ def plot_drift(runs: list[Path], out: Path) -> Path:
             if not pts:
                 continue
             for ax, (key, _) in zip(axes, panels):
-                ax.plot([ph for ph, _ in pts], [r[key] for _, r in pts], style, ms=3,
+                pts_k = [(ph, r[key]) for ph, r in pts if key in r]   # older runs lack the last panel's count
+                if not pts_k:
+                    continue
+                drawn.add(key)
+                ax.plot([ph for ph, _ in pts_k], [v for _, v in pts_k], style, ms=3,
                         label=f"{run.name} ({'b' if level == 'new' else 'c'}: {level} classes)")
     from matplotlib.ticker import MaxNLocator
-    for ax, (_, title) in zip(axes, panels):
+    for ax, (key, title) in zip(axes, panels):
         ax.set_xlabel("phase")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if key not in drawn:
+            ax.text(0.5, 0.5, "not recorded in these runs", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
