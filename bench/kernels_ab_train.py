@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tin100_experiments import Stopped, _on_sigterm, launch, metrics, stop_children, wait_all  # noqa: E402
+from tin100_experiments import launch, metrics, run_main, wait_or_stop  # noqa: E402
 
 WAYS = {"kernels": {}, "reference": {"MNEMONICS_FAST_FORCE_REFERENCE": "1"}}
 
@@ -90,12 +89,8 @@ def main() -> None:
               "epochs_per_phase": a.epochs, "mnemonics": a.mnemonics, "overrides": a.overrides, "seeds": seeds,
               "note": "all runs shared one device concurrently"}
     procs = {f"{w}_s{sd}": launch(f"{w}_s{sd}", [], a, log_dir, sd, env=env) for sd in seeds for w, env in WAYS.items()}
-    try:
-        rcs = wait_all(procs)
-    except Stopped:
-        print("SIGTERM: stopping the runs; summarising the phases they finished", flush=True)
-        stop_children()
-        rcs = {n: p.returncode for n, p in procs.items()}
+    rcs, stopped = wait_or_stop(procs)
+    if stopped:
         result["cut_short"] = "SIGTERM (time limit): runs stopped; each seed compared over the phases both ways finished"
     result.update(summarise(a, seeds, rcs))
     result["total_s"] = time.time() - t0
@@ -114,10 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        main()
-    except Stopped:
-        stop_children()
-        sys.exit(143)
+    run_main(main)

@@ -93,6 +93,27 @@ def stop_children(grace_s: float = 10.0) -> None:
             p.kill()
 
 
+def wait_or_stop(procs: dict[str, subprocess.Popen]) -> tuple[dict[str, int | None], bool]:
+    """wait_all, unless SIGTERM comes first: then every run is stopped. Returns (exit codes, stopped)."""
+    try:
+        return wait_all(procs), False
+    except Stopped:
+        print("SIGTERM: stopping the runs; summarising the phases they finished", flush=True)
+        stop_children()
+        return {n: p.returncode for n, p in procs.items()}, True
+
+
+def run_main(main_fn) -> None:
+    """The scripts' entry: SIGTERM raises Stopped; one that arrives outside a wait_or_stop stops the runs and exits."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        main_fn()
+    except Stopped:
+        stop_children()
+        sys.exit(143)
+
+
 def compare_summary(a, names: list[str], rcs: dict[str, int | None]) -> dict:
     """The comparison's runs, summarised from their metrics.json files; complete or not. Each run's own average
     covers the phases it finished; `common_phases` is the last phase every run with metrics reached, and
@@ -236,13 +257,7 @@ def main():
                                                  a, log_dir, sd)
         procs[f"lucir_herding{sfx(sd)}"] = launch(f"lucir_herding{sfx(sd)}", branch(sd), a, log_dir, sd)
     if sweep:
-        try:
-            rcs = wait_all(sweep_procs)
-            stopped = False
-        except Stopped:
-            print("SIGTERM during the sweep: stopping every run; scoring the phases they finished", flush=True)
-            stop_children()
-            rcs, stopped = {n: p.returncode for n, p in sweep_procs.items()}, True
+        rcs, stopped = wait_or_stop(sweep_procs)
         ms = {name: metrics(a, name) for name in rcs}
         # scored over the incremental phases every sweep run finished (all of them, unless a time limit cut it)
         k = min((len(m["top1"]["cnn"]) - 1 for m in ms.values() if m and len(m["top1"]["cnn"]) > 1), default=0)
@@ -287,12 +302,8 @@ def main():
     result["compare"] = {"mnemonics_setting": {"lr": float(lr), "inner_lr": float(al), "lr_scale": scale},
                          "seeds": seeds, "shared_phase0_per_seed": True,
                          "note": "all runs shared one GPU concurrently; wall times include that contention"}
-    try:
-        rcs = wait_all(procs)
-    except Stopped:
-        print("SIGTERM: stopping the runs; summarising the phases they finished", flush=True)
-        stop_children()
-        rcs = {n: p.returncode for n, p in procs.items()}
+    rcs, stopped = wait_or_stop(procs)
+    if stopped:
         result["cut_short"] = "SIGTERM (time limit): runs stopped; compared over the phases every run finished"
     result["compare"].update(compare_summary(a, list(procs), rcs))
     result["total_s"] = time.time() - t_start
@@ -302,10 +313,4 @@ def main():
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        main()
-    except Stopped:  # before the comparison's wait (phase 0, the sweep): nothing to summarise beyond what is written
-        stop_children()
-        sys.exit(143)
+    run_main(main)
