@@ -103,6 +103,8 @@ class MnemonicsConfig:
     old_lr: float = 0.5            # beta2: exemplar lr for the old-class A/B adjustment
     lr_scale: str = "none"         # none (the paper) | exemplars: beta1 and beta2 are per exemplar, multiplied by the
                                    # number of exemplars in the inner loss (set both small: docs/mnemonics.md)
+    inner_update: str = "sgd"      # sgd (the paper) | normalised: inner step -alpha * g/|g|, so the objective cannot
+                                   # gain by making exemplars harder (not the paper; docs/mnemonics.md)
     momentum: float = 0.9
     adjust_old: bool = True        # SPEC §5 (c)
     old_outer_steps: int = 20      # K for each A/B direction
@@ -163,6 +165,7 @@ CHOICES = {
     "mnemonics.init": {"herding", "random"},
     "mnemonics.storage": {"float", "uint8"},
     "mnemonics.lr_scale": {"none", "exemplars"},
+    "mnemonics.inner_update": {"sgd", "normalised"},
     "run.resume": {"auto", "never"},
     "train.compile": {"none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"},
     "mnemonics.compile": {"none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"},
@@ -225,6 +228,9 @@ def validate(cfg: Config) -> Config:
     if cfg.mnemonics.lr_scale != "none" and cfg.mnemonics.mode == "proto":
         raise ConfigError("config key 'mnemonics.lr_scale': 'exemplars' needs a bilevel mnemonics.mode (full, head, "
                           "first_order); proto has no inner loss")
+    if cfg.mnemonics.inner_update != "sgd" and cfg.mnemonics.mode == "proto":
+        raise ConfigError("config key 'mnemonics.inner_update': 'normalised' needs a bilevel mnemonics.mode (full, "
+                          "head, first_order); proto has no inner step")
     return cfg
 
 

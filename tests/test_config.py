@@ -133,6 +133,7 @@ def test_wrong_type_names_the_dotted_key(override, key):
     ("run.resume=maybe", "run.resume"),
     ("mnemonics.mode=second_order", "mnemonics.mode"),
     ("mnemonics.lr_scale=per_pixel", "mnemonics.lr_scale"),
+    ("mnemonics.inner_update=adam", "mnemonics.inner_update"),
     ("train.compile=fast", "train.compile"),
     ("mnemonics.compile=fast", "mnemonics.compile"),
 ])
@@ -155,6 +156,13 @@ def test_bad_choice_names_the_key_and_choices(override, key):
 def test_out_of_range_names_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'".replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_inner_update_needs_a_bilevel_mode():
+    assert load_config(None, []).mnemonics.inner_update == "sgd"   # the paper's inner step by default
+    assert load_config(None, ["mnemonics.inner_update=normalised"]).mnemonics.inner_update == "normalised"
+    with pytest.raises(ConfigError, match=r"'mnemonics\.inner_update'.*proto"):
+        load_config(None, ["mnemonics.inner_update=normalised", "mnemonics.mode=proto"])
 
 
 def test_lr_scale_needs_a_bilevel_mode():

@@ -50,8 +50,9 @@ def make_data(dtype=torch.float64, m=6, b=8, seed=1):
     return ex, ey, qx, qy
 
 
-def val_loss(model, ex, ey, qx, qy, *, mode, alpha, steps):
-    """L_val(theta_T(E)) restated directly (values only, first-order autograd): the finite-difference oracle."""
+def val_loss(model, ex, ey, qx, qy, *, mode, alpha, steps, inner_update="sgd"):
+    """L_val(theta_T(E)) restated directly (values only, first-order autograd): the finite-difference oracle.
+    inner_update="normalised": each inner step moves alpha along the unit gradient (L2 norm over all of theta')."""
     module = model if mode == "full" else model.head
     params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
     inp = (lambda x: x) if mode == "full" else model.features
@@ -59,6 +60,9 @@ def val_loss(model, ex, ey, qx, qy, *, mode, alpha, steps):
         leaf = {n: v.clone().requires_grad_() for n, v in params.items()}
         loss = F.cross_entropy(functional_call(module, leaf, (inp(ex),)), ey)
         grads = torch.autograd.grad(loss, list(leaf.values()))
+        if inner_update == "normalised":
+            norm = torch.sqrt(sum((g * g).sum() for g in grads))
+            grads = [g / norm for g in grads]
         params = {n: v - alpha * g for (n, v), g in zip(params.items(), grads)}
     return F.cross_entropy(functional_call(module, params, (inp(qx),)), qy)
 
@@ -72,19 +76,22 @@ def exemplar_grad(model, ex, ey, qx, qy, **kw):
 # gradients reach the pixels, and are the true derivative
 # ---------------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode,steps", [("full", 1), ("full", 2), ("head", 1), ("head", 2)])
-def test_exemplar_gradient_matches_finite_differences(mode, steps):
+@pytest.mark.parametrize("mode,steps,inner_update", [("full", 1, "sgd"), ("full", 2, "sgd"), ("head", 1, "sgd"),
+                                                     ("head", 2, "sgd"), ("full", 1, "normalised"),
+                                                     ("full", 2, "normalised"), ("head", 2, "normalised")])
+def test_exemplar_gradient_matches_finite_differences(mode, steps, inner_update):
     model = make_model(smooth=True).eval()
     ex, ey, qx, qy = make_data()
     alpha = 0.1
-    grad, loss = exemplar_grad(model, ex, ey, qx, qy, mode=mode, inner_lr=alpha, inner_steps=steps)
+    grad, loss = exemplar_grad(model, ex, ey, qx, qy, mode=mode, inner_lr=alpha, inner_steps=steps,
+                               inner_update=inner_update)
     assert grad.shape == ex.shape and grad.abs().sum() > 0, "no gradient reached the exemplar pixels"
-    ref_loss = val_loss(model, ex, ey, qx, qy, mode=mode, alpha=alpha, steps=steps)
+    ref_loss = val_loss(model, ex, ey, qx, qy, mode=mode, alpha=alpha, steps=steps, inner_update=inner_update)
     torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-10, atol=1e-12)
 
     def fd(u, eps=1e-7):  # float64 central difference; truncation error ~ eps^2, rounding ~ 1e-16 / eps
-        lp = val_loss(model, ex + eps * u, ey, qx, qy, mode=mode, alpha=alpha, steps=steps)
-        lm = val_loss(model, ex - eps * u, ey, qx, qy, mode=mode, alpha=alpha, steps=steps)
+        lp = val_loss(model, ex + eps * u, ey, qx, qy, mode=mode, alpha=alpha, steps=steps, inner_update=inner_update)
+        lm = val_loss(model, ex - eps * u, ey, qx, qy, mode=mode, alpha=alpha, steps=steps, inner_update=inner_update)
         return ((lp - lm) / (2 * eps)).detach()
 
     g = torch.Generator().manual_seed(7)
@@ -96,7 +103,8 @@ def test_exemplar_gradient_matches_finite_differences(mode, steps):
     for u, f in zip(dirs, fds):
         torch.testing.assert_close((grad * u).sum(), f, rtol=1e-6, atol=1e-8)
     if mode == "full" and steps == 2:  # the check is sharp enough to see the second-order terms
-        g_fo, _ = exemplar_grad(model, ex, ey, qx, qy, mode="first_order", inner_lr=alpha, inner_steps=steps)
+        g_fo, _ = exemplar_grad(model, ex, ey, qx, qy, mode="first_order", inner_lr=alpha, inner_steps=steps,
+                                inner_update=inner_update)
         worst = max(float(((g_fo * u).sum() - f).abs() / f.abs()) for u, f in zip(dirs, fds))
         assert worst > 1e-4, worst
 
@@ -135,13 +143,16 @@ def test_first_order_definition():
     torch.testing.assert_close(g_fo2, total, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("mode,steps", [("full", 2), ("first_order", 2), ("head", 2), ("proto", 1)])
-def test_chunked_equals_unchunked(mode, steps):
+@pytest.mark.parametrize("mode,steps,inner_update", [("full", 2, "sgd"), ("first_order", 2, "sgd"),
+                                                     ("head", 2, "sgd"), ("proto", 1, "sgd"),
+                                                     ("full", 3, "normalised"), ("first_order", 2, "normalised")])
+def test_chunked_equals_unchunked(mode, steps, inner_update):
+    """The chunked reverse engine (its own recursion, with u = P v for the normalised step) against autograd."""
     model = make_model().eval()
     ex, ey, qx, qy = make_data(m=5)
     fixed = (torch.rand(3, 3, HW, HW, dtype=ex.dtype), torch.tensor([0, 1, 5]))
-    kw = dict(mode=mode, inner_lr=0.5, inner_steps=steps, fixed_exemplars=fixed,
-              class_means=torch.randn(NUM_OLD + NUM_NEW, 64, dtype=ex.dtype))
+    kw = dict(mode=mode, inner_lr=0.5, inner_steps=steps, fixed_exemplars=fixed, inner_update=inner_update,
+              class_means=torch.randn(NUM_OLD + NUM_NEW, 64, dtype=ex.dtype) if mode == "proto" else None)
     g0, l0 = exemplar_grad(model, ex, ey, qx, qy, **kw)
     g1, l1 = exemplar_grad(model, ex, ey, qx, qy, exemplar_chunk=2, **kw)
     assert g0.abs().sum() > 0
@@ -220,6 +231,23 @@ def test_lr_scale_checked():
     with pytest.raises(ValueError, match="bilevel modes"):
         ExemplarOptimiser(model, ex, ey, mode="proto", inner_lr=0.1, inner_steps=1, lr=1.0, lr_scale="exemplars",
                           class_means=torch.randn(NUM_OLD + NUM_NEW, 64))
+
+
+def test_inner_update_checked_and_normalised_is_a_unit_step():
+    model = make_model()
+    ex, ey, qx, qy = make_data()
+    with pytest.raises(ValueError, match="inner_update must be one of"):
+        ExemplarOptimiser(model, ex, ey, inner_lr=0.1, inner_steps=1, lr=1.0, inner_update="adam")
+    with pytest.raises(ValueError, match="proto has no inner step"):
+        ExemplarOptimiser(model, ex, ey, mode="proto", inner_lr=0.1, inner_steps=1, lr=1.0, inner_update="normalised",
+                          class_means=torch.randn(NUM_OLD + NUM_NEW, 64, dtype=ex.dtype))
+    # the step's length is alpha whatever |g| is: a larger inner gradient (harder exemplars) cannot buy a larger step
+    from mnemonics_fast.methods.mnemonics import _inner_direction
+    g = [torch.randn(3, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    unit = _inner_direction(g, True)
+    torch.testing.assert_close(torch.sqrt(sum((u * u).sum() for u in unit)), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(_inner_direction([2.5 * t for t in g], True)[0], unit[0])
+    assert _inner_direction(g, False)[0] is g[0]
 
 
 def test_pixel_sgd_step_equals_normalised_space_step():
@@ -564,9 +592,11 @@ def test_lean_conv_covers_weight_transfer_convs():
 # compile_mode: the outer step as one torch.func function compiled by torch.compile (methods/compiled_grad.py)
 # ---------------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode,steps,fixed,transfer", [("full", 1, False, False), ("full", 2, True, False),
-                                                       ("first_order", 2, True, False), ("full", 2, False, True)])
-def test_functional_outer_grad_equals_the_autograd_engine(mode, steps, fixed, transfer):
+@pytest.mark.parametrize("mode,steps,fixed,transfer,inner_update", [
+    ("full", 1, False, False, "sgd"), ("full", 2, True, False, "sgd"), ("first_order", 2, True, False, "sgd"),
+    ("full", 2, False, True, "sgd"), ("full", 2, True, False, "normalised"),
+    ("first_order", 2, False, False, "normalised")])
+def test_functional_outer_grad_equals_the_autograd_engine(mode, steps, fixed, transfer, inner_update):
     """The torch.func formulation the compiled engine traces, run as is: the eager engine's gradient and loss."""
     from mnemonics_fast.methods.compiled_grad import make_outer_grad
     from mnemonics_fast.models.transfer import apply_weight_transfer
@@ -577,11 +607,11 @@ def test_functional_outer_grad_equals_the_autograd_engine(mode, steps, fixed, tr
     ex, ey, qx, qy = make_data(m=7)
     fx, fy = make_data(m=4, seed=5)[:2] if fixed else (None, None)
     with ExemplarOptimiser(model, ex, ey, mode=mode, inner_lr=0.05, inner_steps=steps, lr=1.0,
-                           fixed_exemplars=(fx, fy) if fixed else None) as opt:
+                           fixed_exemplars=(fx, fy) if fixed else None, inner_update=inner_update) as opt:
         want, want_loss = opt.grad(qx, qy)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         fn = make_outer_grad(model, [n for n, _ in named], mode=mode, inner_lr=0.05, inner_steps=steps,
-                             autocast_dtype=None, device_type="cpu")
+                             autocast_dtype=None, device_type="cpu", inner_update=inner_update)
         y_all = ey if fy is None else torch.cat([ey, fy])
         with torch.no_grad(), plain_torch():
             got, loss = fn(ex, fx, tuple(p.detach() for _, p in named), y_all, qx, qy)

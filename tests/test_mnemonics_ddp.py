@@ -79,6 +79,9 @@ SHARD_CASES = {  # name: (function, kwargs); float64, so "same result up to summ
     "first_order_T2": ("opt", dict(mode="first_order", inner_steps=2, m=6)),
     "unrolled_one_exemplar": ("opt", dict(mode="full", inner_steps=2, m=1)),          # rank 0 owns no row
     "reverse_one_exemplar": ("opt", dict(mode="full", inner_steps=2, m=1, exemplar_chunk=1)),
+    "unrolled_T2_normalised": ("opt", dict(mode="full", inner_steps=2, m=5, inner_update="normalised")),
+    "reverse_T2_chunk2_normalised": ("opt", dict(mode="full", inner_steps=2, m=6, exemplar_chunk=2,
+                                                 inner_update="normalised")),
     "adjust_old_T1": ("adj", dict(mode="full", inner_steps=1)),
     "adjust_old_T2_chunk3": ("adj", dict(mode="full", inner_steps=2, exemplar_chunk=3)),
 }

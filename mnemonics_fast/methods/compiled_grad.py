@@ -50,13 +50,14 @@ def _autocast(device_type: str, dtype: torch.dtype | None):
 
 
 def make_outer_grad(module: nn.Module, names: Sequence[str], *, mode: str, inner_lr: float, inner_steps: int,
-                    autocast_dtype: torch.dtype | None, device_type: str):
+                    autocast_dtype: torch.dtype | None, device_type: str, inner_update: str = "sgd"):
     """The pure function (bank, fixed_x | None, theta, y_all, qx, qy) -> (dL_val/dbank, L_val) for `module`
     (forward(x) -> logits over all seen classes). theta: tensors in the order of `names` (detached: gradients come
     from torch.func, not autograd). Not compiled: `CompiledExemplarGrad` compiles it; tests call it as is."""
     if mode not in COMPILABLE_MODES:
         raise ValueError(f"the compiled engine covers modes {COMPILABLE_MODES}, not {mode!r}")
     alpha, steps, names = float(inner_lr), int(inner_steps), tuple(names)
+    normalised = inner_update == "normalised"
 
     def logits(theta, x):
         with _autocast(device_type, autocast_dtype):
@@ -73,6 +74,9 @@ def make_outer_grad(module: nn.Module, names: Sequence[str], *, mode: str, inner
             # function of the pixels (the mixed term), exactly as the eager engine's detach().requires_grad_()
             at = theta if (mode == "full" or t == 0) else tuple(p.detach() for p in theta)
             g = torch.func.grad(inner_loss)(at, x, y_all)
+            if normalised:  # inner_update="normalised": the unit gradient (methods/mnemonics.py)
+                norm = torch.sqrt(sum((gi * gi).sum() for gi in g)).clamp_min(torch.finfo(g[0].dtype).tiny)
+                g = tuple(gi / norm for gi in g)
             theta = tuple(p - alpha * gi for p, gi in zip(theta, g))
         return F.cross_entropy(logits(theta, qx), qy)
 
@@ -118,14 +122,15 @@ class CompiledExemplarGrad:
 
     def __init__(self, module: nn.Module, names: Sequence[str], params: Sequence[torch.Tensor],
                  y_all: torch.Tensor, fixed_x: torch.Tensor | None, *, mode: str, inner_lr: float, inner_steps: int,
-                 autocast_dtype: torch.dtype | None, compile_mode: str):
+                 autocast_dtype: torch.dtype | None, compile_mode: str, inner_update: str = "sgd"):
         if compile_mode not in COMPILE_MODES or compile_mode == "none":
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES[1:]}, got {compile_mode!r}")
         self.params = list(params)
         self.y_all, self.fixed_x = y_all, fixed_x
         self._fn = _compiled_outer_grad(module, names, mode=mode, inner_lr=float(inner_lr),
                                         inner_steps=int(inner_steps), autocast_dtype=autocast_dtype,
-                                        device_type=y_all.device.type, compile_mode=compile_mode)
+                                        device_type=y_all.device.type, compile_mode=compile_mode,
+                                        inner_update=inner_update)
 
     def __call__(self, bank: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         import torch._dynamo.config as dynamo_config  # imported by torch.compile already

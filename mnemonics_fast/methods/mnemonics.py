@@ -14,6 +14,12 @@ and involve no exemplar pixel in a way the inner step could use). The inner step
 momentum, no weight decay) on the mean loss over all exemplars of the call. See docs/mnemonics.md for the modes, the
 memory accounting and what differs from the released code.
 
+inner_update="normalised" (not the paper; a labelled option) takes the inner step along the unit gradient,
+theta_t = theta_{t-1} - alpha * g / |g| (|g| the L2 norm over all of theta'). For T = 1,
+L_val(theta - alpha g_E) ~= L_val(theta) - alpha <g_val, g_E>: the paper's objective can be lowered by making |g_E|
+larger, i.e. by making the exemplars harder for the current model, and on tin100a-32 that is what it did
+(bench/exemplar_objective.py). With the unit step only the direction of g_E counts: -alpha |g_val| cos(g_val, g_E).
+
 Pixel-space SGD: x_norm = (x - mean_c) / std_c, so dL/dx = dL/dx_norm / std_c and a step of lr beta in pixel space
 moves x_norm by -beta / std_c^2 * dL/dx_norm: pixel lr beta == normalised-space lr beta / std_c^2 per channel
 (equivalently, a normalised-space lr b corresponds to the pixel lr b * std_c^2). Momentum is linear, so it carries
@@ -44,9 +50,10 @@ from .lean_conv import lean_second_order_convs
 MODES = ("full", "head", "first_order", "proto")
 SHARDABLE_MODES = ("full", "first_order")  # the modes whose inner loop shard_inner can split over the ranks
 LR_SCALES = ("none", "exemplars")
+INNER_UPDATES = ("sgd", "normalised")  # the paper's inner SGD step; the unit-gradient step (module docstring)
 Batch = tuple[torch.Tensor, torch.Tensor]
 
-__all__ = ["MODES", "LR_SCALES", "ExemplarOptimiser", "optimise_exemplars", "adjust_old_exemplars", "proto_loss",
+__all__ = ["MODES", "LR_SCALES", "INNER_UPDATES", "ExemplarOptimiser", "optimise_exemplars", "adjust_old_exemplars", "proto_loss",
            "quantise_uint8", "dequantise", "init_exemplars_from_indices", "stack_class_exemplars", "split_halves"]
 
 
@@ -223,6 +230,15 @@ def _allreduce_list(ts: Sequence[torch.Tensor], group, differentiable: bool = Fa
     return [piece.view_as(t) for piece, t in zip(flat.split([t.numel() for t in ts]), ts)]
 
 
+def _inner_direction(g: Sequence[torch.Tensor], normalised: bool) -> list[torch.Tensor]:
+    """The direction of one inner step: the gradient itself (the paper), or the gradient over its L2 norm taken over
+    all of theta' (inner_update="normalised"). Differentiable: the engines keep its graph where they keep g's."""
+    if not normalised:
+        return list(g)
+    norm = torch.sqrt(sum((gi * gi).sum() for gi in g)).clamp_min(torch.finfo(g[0].dtype).tiny)
+    return [gi / norm for gi in g]
+
+
 class _ExemplarGrad:
     """dL_val / dE for a fixed model, fixed exemplar labels and fixed settings: `self(bank, qx, qy) -> (grad, loss)`.
 
@@ -237,8 +253,9 @@ class _ExemplarGrad:
     def __init__(self, model: nn.Module, labels: torch.Tensor, *, mode: str, inner_lr: float, inner_steps: int,
                  num_classes: int | None, fixed: Batch | None, class_means: torch.Tensor | None,
                  chunk: int | None, autocast_dtype: torch.dtype | None, lean_conv: bool = True,
-                 shard: tuple | None = None):
+                 shard: tuple | None = None, inner_update: str = "sgd"):
         self.model, self.mode, self.chunk = model, mode, chunk
+        self.normalised = inner_update == "normalised"
         self.lean_conv = bool(lean_conv)
         # shard = (group, rank, world): full/first_order split the inner loss's exemplars over the ranks (contiguous
         # slices), all-reducing the inner gradient; each rank then returns dL/dE for its own rows only (zeros
@@ -349,7 +366,7 @@ class _ExemplarGrad:
             g = torch.autograd.grad(loss, at, create_graph=True, materialize_grads=True)
             if self.shard is not None:
                 g = _allreduce_list(g, self.shard[0], differentiable=True)
-            theta = torch._foreach_add(theta, g, alpha=-self.alpha)
+            theta = torch._foreach_add(theta, _inner_direction(g, self.normalised), alpha=-self.alpha)
         loss_val = F.cross_entropy(self._call(theta, qx), qy)
         (grad,) = torch.autograd.grad(loss_val, bank, materialize_grads=True)
         return grad, loss_val.detach()
@@ -363,9 +380,12 @@ class _ExemplarGrad:
         """Reverse-mode through theta_t = theta_{t-1} - alpha g(theta_{t-1}, E), chunk by chunk:
         v_T = dL_val/dtheta_T; for t = T..1: dE += -alpha d<v_t, g(theta_{t-1}, E)>/dE,
         v_{t-1} = v_t - alpha d<v_t, g(theta_{t-1}, E)>/dtheta (full only; first_order keeps v = v_T).
-        g is a sum over chunks, so both terms are too: one chunk's double-backward graph is alive at a time."""
+        g is a sum over chunks, so both terms are too: one chunk's double-backward graph is alive at a time.
+        inner_update="normalised" (step -alpha g/|g|): the Jacobian of g/|g| is P = (I - g^ g^T)/|g|, symmetric, so
+        both terms take u_t = P v_t in place of v_t (v_{t-1} = v_t - alpha H u_t); g^ and |g| kept per step."""
         sources = self._sources(bank.detach())
         thetas = [[p.detach() for p in self.params]]
+        units: list[tuple[list[torch.Tensor], torch.Tensor]] = []  # (g^, |g|) of every step, normalised only
         for _ in range(self.T):  # forward sweep: theta_1..theta_T, first-order gradients only
             at = [p.requires_grad_() for p in (q.detach() for q in thetas[-1])]
             g = None
@@ -376,6 +396,10 @@ class _ExemplarGrad:
                 g = [torch.zeros_like(p) for p in at]
             if self.shard is not None:
                 g = _allreduce_list(g, self.shard[0])
+            if self.normalised:
+                unit = _inner_direction(g, True)
+                units.append((unit, torch.sqrt(sum((gi * gi).sum() for gi in g))))
+                g = unit
             thetas.append(torch._foreach_add(thetas[-1], g, alpha=-self.alpha))
         at = [p.detach().requires_grad_() for p in thetas[-1]]
         loss_val = F.cross_entropy(self._call(at, qx), qy)
@@ -386,6 +410,11 @@ class _ExemplarGrad:
         for t in reversed(range(self.T)):  # step t maps thetas[t] -> thetas[t + 1]
             need_theta = self.mode == "full" and t > 0
             at = [p.detach().requires_grad_() for p in thetas[t]]
+            u = v
+            if self.normalised:  # u = P v = (v - g^ <g^, v>) / |g|
+                unit, norm = units[t]
+                dot = sum((a * b).sum() for a, b in zip(unit, v))
+                u = [(vi - ui * dot) / norm for vi, ui in zip(v, unit)]
             hv = None
             for src, s, e, is_bank in sources:
                 if not (is_bank or need_theta):
@@ -393,7 +422,7 @@ class _ExemplarGrad:
                 leaf = src[s:e].detach().requires_grad_() if is_bank else None
                 gc = self._chunk_inner_grad(at, src, s, e, is_bank, leaf=leaf, create_graph=True)
                 inputs = ([leaf] if is_bank else []) + (at if need_theta else [])
-                pairs = [(gi, vi) for gi, vi in zip(gc, v) if gi.requires_grad]
+                pairs = [(gi, ui) for gi, ui in zip(gc, u) if gi.requires_grad]
                 outs = torch.autograd.grad([gi for gi, _ in pairs], inputs, grad_outputs=[vi for _, vi in pairs],
                                            materialize_grads=True)
                 if is_bank:
@@ -436,7 +465,7 @@ class _ExemplarGrad:
         for _ in range(self.T):  # second order within the head (tiny)
             loss = F.cross_entropy(self._call(theta, f_all), self.y_all)
             g = torch.autograd.grad(loss, theta, create_graph=True, materialize_grads=True)
-            theta = torch._foreach_add(theta, g, alpha=-self.alpha)
+            theta = torch._foreach_add(theta, _inner_direction(g, self.normalised), alpha=-self.alpha)
         loss_val = F.cross_entropy(self._call(theta, qf), qy)
         (gf,) = torch.autograd.grad(loss_val, fd)
         return self._backbone_vjp(bank, f, gf), loss_val.detach()
@@ -523,13 +552,18 @@ class ExemplarOptimiser:
                  class_means: torch.Tensor | None = None, exemplar_chunk: int | None = None,
                  cuda_graph: bool = False, autocast_dtype: torch.dtype | None = None, process_group=None,
                  lr_scale: str = "none", debug: bool = False, lean_conv: bool = True, shard_inner: bool = False,
-                 compile_mode: str = "none"):
+                 compile_mode: str = "none", inner_update: str = "sgd"):
         if mode not in MODES:
             raise ValueError(f"mnemonics mode must be one of {MODES}, got {mode!r}")
         if lr_scale not in LR_SCALES:
             raise ValueError(f"lr_scale must be one of {LR_SCALES}, got {lr_scale!r}")
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+        if inner_update not in INNER_UPDATES:
+            raise ValueError(f"inner_update must be one of {INNER_UPDATES}, got {inner_update!r}")
+        if inner_update != "sgd" and mode == "proto":
+            raise ValueError("inner_update='normalised' changes the inner step of the bilevel modes (full, head, "
+                             "first_order); proto has no inner step")
         if lr_scale != "none" and mode == "proto":
             raise ValueError("lr_scale='exemplars' is defined for the bilevel modes (full, head, first_order), not "
                              "proto (no inner loss to count exemplars in)")
@@ -577,7 +611,7 @@ class ExemplarOptimiser:
                                  inner_steps=inner_steps if inner_steps is not None else 1,
                                  num_classes=num_classes, fixed=fixed_exemplars, class_means=class_means,
                                  chunk=exemplar_chunk, autocast_dtype=autocast_dtype, lean_conv=lean_conv,
-                                 shard=shard)
+                                 shard=shard, inner_update=inner_update)
         self._eager_fn = self._fn
         if compile_mode != "none":
             self._use_compiled(compile_mode, mode, shard)
@@ -606,7 +640,8 @@ class ExemplarOptimiser:
             return
         f = self._fn
         self._fn = CompiledExemplarGrad(f.module, f.names, f.params, f.y_all, f.fixed_x, mode=mode, inner_lr=f.alpha,
-                                        inner_steps=f.T, autocast_dtype=f.autocast_dtype, compile_mode=compile_mode)
+                                        inner_steps=f.T, autocast_dtype=f.autocast_dtype, compile_mode=compile_mode,
+                                        inner_update="normalised" if f.normalised else "sgd")
         if self.cuda_graph and compile_mode in ("reduce-overhead", "max-autotune"):
             _warn_once(f"mnemonics: cuda_graph=True not used with compile={compile_mode!r}, which captures its own "
                        f"CUDA graphs (compile='default' + cuda_graph=True captures the compiled kernels instead)")
@@ -723,7 +758,8 @@ def optimise_exemplars(model: nn.Module, exemplars: torch.Tensor, labels: torch.
                        class_means: torch.Tensor | None = None, exemplar_chunk: int | None = None,
                        cuda_graph: bool = False, autocast_dtype: torch.dtype | None = None,
                        lr_scale: str = "none", debug: bool = False, lean_conv: bool = True,
-                       shard_inner: bool = False, compile_mode: str = "none") -> torch.Tensor:
+                       shard_inner: bool = False, compile_mode: str = "none",
+                       inner_update: str = "sgd") -> torch.Tensor:
     """Mnemonics exemplar level (SPEC §5 (b)): `outer_steps` bilevel steps on the exemplar pixels; returns new pixels.
 
     model: IncrementalNet (or DDP around one; the inner module is used). Any nn.Module whose forward(x) returns the
@@ -743,6 +779,9 @@ def optimise_exemplars(model: nn.Module, exemplars: torch.Tensor, labels: torch.
       decays toward black, keep 0): SGD of the pixels, torch.optim.SGD semantics, then clamp to [0, 1].
     lr_scale: "none" (the paper: SGD on dL_val/dE) or "exemplars" (bilevel modes: the step uses lr * N, N the number
       of exemplars in the inner loss, fixed ones included, so one lr moves pixels alike at any memory size).
+    inner_update: "sgd" (the paper: theta_t = theta_{t-1} - alpha g) or "normalised" (bilevel modes, not the paper:
+      theta_t = theta_{t-1} - alpha g / |g|, alpha then the step's length; removes the objective's reward for making
+      the exemplars harder, see the module docstring). Every engine supports both.
     num_classes: classes seen so far (default: model.head.num_classes); the range the labels are checked against and
       the number of class prototypes in proto mode.
     process_group: torch.distributed group (default: WORLD if initialised). The exemplar gradient is all-reduced
@@ -771,7 +810,7 @@ def optimise_exemplars(model: nn.Module, exemplars: torch.Tensor, labels: torch.
                            fixed_exemplars=fixed_exemplars, class_means=class_means, exemplar_chunk=exemplar_chunk,
                            cuda_graph=cuda_graph, autocast_dtype=autocast_dtype, process_group=process_group,
                            lr_scale=lr_scale, debug=debug, lean_conv=lean_conv, shard_inner=shard_inner,
-                           compile_mode=compile_mode) as opt:
+                           compile_mode=compile_mode, inner_update=inner_update) as opt:
         bar = None
         if progress:
             from tqdm import tqdm
@@ -814,7 +853,8 @@ def adjust_old_exemplars(model: nn.Module, bank: torch.Tensor, labels: torch.Ten
                          process_group=None, exemplar_chunk: int | None = None, cuda_graph: bool = False,
                          autocast_dtype: torch.dtype | None = None, progress: bool = False,
                          lr_scale: str = "none", debug: bool = False, lean_conv: bool = True,
-                         shard_inner: bool = False, compile_mode: str = "none") -> torch.Tensor:
+                         shard_inner: bool = False, compile_mode: str = "none",
+                         inner_update: str = "sgd") -> torch.Tensor:
     """SPEC §5 (c): adjust exemplars of earlier classes with the exemplars themselves as the validation set.
 
     bank [M, 3, H, W] / labels [M]: ALL seen classes' exemplars (the new classes' too, for balance). Every class is
@@ -855,5 +895,5 @@ def adjust_old_exemplars(model: nn.Module, bank: torch.Tensor, labels: torch.Ten
             process_group=group if world > 1 else None, progress=progress, fixed_exemplars=fixed,
             class_means=class_means, exemplar_chunk=exemplar_chunk, cuda_graph=cuda_graph,
             autocast_dtype=autocast_dtype, lr_scale=lr_scale, debug=debug, lean_conv=lean_conv,
-            shard_inner=shard_inner, compile_mode=compile_mode)
+            shard_inner=shard_inner, compile_mode=compile_mode, inner_update=inner_update)
     return out

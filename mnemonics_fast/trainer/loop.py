@@ -602,9 +602,10 @@ class Trainer:
                        "train": {"eval_batch_size", "cudnn_benchmark", "compile"}}
 
     def _check_same(self, state: dict, path: Path, sections, what: str, hint: str) -> None:
-        mine = to_dict(self.cfg)
+        mine, defaults = to_dict(self.cfg), to_dict(Config())
         for key in sections:
-            theirs, ours = dict(state["config"].get(key, {})), dict(mine[key])
+            # a key added after the checkpoint was written counts as its default (what that run ran with)
+            theirs, ours = {**defaults[key], **state["config"].get(key, {})}, dict(mine[key])
             for k in self._RESULT_NEUTRAL.get(key, ()):
                 theirs.pop(k, None)
                 ours.pop(k, None)
