@@ -190,6 +190,21 @@ def test_resume_refuses_a_different_mnemonics_or_train_section(tmp_path):
     assert "phase 0 complete" in resumed.stdout
 
 
+def test_resume_counts_a_key_newer_than_the_checkpoint_as_its_default(tmp_path):
+    """A run checkpointed before a config key existed ran with that key's default: it resumes under the default and
+    is refused under any other value (mnemonics.inner_update is the example)."""
+    from mnemonics_fast.config import ConfigError
+    first = run_trainer(tiny_config(tmp_path, name="run", **{"run.stop_after_phase": 0, "train.epochs": 1}))
+    path = first.run_dir / "checkpoints" / "phase_000.pt"
+    state = torch.load(path, weights_only=False)
+    del state["config"]["mnemonics"]["inner_update"]   # as written before the key existed
+    atomic_torch_save(state, path)
+    with pytest.raises(ConfigError, match=r"mnemonics\.inner_update"):
+        run_trainer(tiny_config(tmp_path, name="run", **{"train.epochs": 1, "mnemonics.inner_update": "normalised"}))
+    resumed = run_trainer(tiny_config(tmp_path, name="run", **{"train.epochs": 1, "run.stop_after_phase": 1}))
+    assert "phase 0 complete" in resumed.stdout
+
+
 # ------------------------------------------------------------------ branching from a shared phase-0 model
 MN = {"mnemonics.enabled": True, "mnemonics.outer_steps": 2, "mnemonics.old_outer_steps": 1,
       "mnemonics.query_batch_size": 8, "train.epochs": 1, "train.milestones": [1]}
