@@ -82,3 +82,31 @@ def test_exemplar_drift_script_reads_a_runs_checkpoints(runs, tmp_path):
     assert row["classes_moved_past_nearest_neighbour"] == logged["classes_moved_past_nearest_neighbour"]
     with pytest.raises(SystemExit, match="no optimised pixels"):
         tool.main(["--runs", str(plain)])
+
+
+def test_exemplar_objective_script_scores_herding_and_optimised_exemplars(runs, tmp_path):
+    """bench/exemplar_objective.py redoes a herding run's exemplar level for a few beta1 and scores each result:
+    beta 0 is the herding set itself (no pixel moved), a large beta moves pixels; both inner rules run; a run whose
+    checkpoint already holds optimised pixels is refused."""
+    import importlib.util
+    import json
+    import math
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("exemplar_objective", root / "bench" / "exemplar_objective.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    mn, plain = runs
+    for rule in ("sgd", "normalised"):
+        out = tmp_path / f"{rule}.json"
+        assert tool.main(["--run", str(plain), "--phase", "1", "--betas", "0,50", "--outer-steps", "2",
+                          "--finetune-steps", "2", "--inner-update", rule, "--out", str(out)]) == 0
+        res = json.loads(out.read_text())
+        assert res["inner_update"] == rule and [r["beta1"] for r in res["rows"]] == [0.0, 50.0]
+        still, moved = res["rows"]
+        assert still["pixel_change_uint8_levels"] == 0 and moved["pixel_change_uint8_levels"] > 0
+        assert 0 <= still["exemplar_acc"] <= 100 and still["grad_norm_E"] > 0
+        assert -1 <= still["grad_cos_train"] <= 1
+        assert all(math.isfinite(v) for r in res["rows"] for v in r.values())
+    with pytest.raises(SystemExit, match="holds optimised pixels"):
+        tool.main(["--run", str(mn), "--phase", "1", "--betas", "0"])
