@@ -144,10 +144,11 @@ def compare_summary(a, names: list[str], rcs: dict[str, int | None]) -> dict:
               f"{comp[name]['total_wall_s']:.0f} s (projected 160-epoch: "
               f"{comp[name]['projected_full_schedule_s'] / 60:.1f} min, shared GPU)", flush=True)
     summary = {}
-    for method in ("random", "herding", "mnemonics"):
+    for method in ("random", "herding", "mnemonics", "mnemonics_normalised"):
         for kind in ("cnn", "nme"):
             xs = [r["avg_incremental_acc_common"][kind] for n, r in comp.items()
-                  if n.startswith(f"lucir_{method}") and "avg_incremental_acc_common" in r]
+                  if (n == f"lucir_{method}" or re.fullmatch(f"lucir_{method}_s[0-9]+", n))
+                  and "avg_incremental_acc_common" in r]
             if xs:
                 mean = sum(xs) / len(xs)
                 std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else None
@@ -165,22 +166,33 @@ def projected_full_s(m: dict, epochs: int, full_epochs: int = 160) -> float:
     return sum(p["train_s"] * full_epochs / epochs + (p["wall_s"] - p["train_s"]) for p in m["phases"])
 
 
-def _sweep_name(lr: float, alpha: float, scale: str) -> str:
-    return f"sweep_lr{lr:g}_alpha{alpha:g}" + ("" if scale == "none" else f"_{scale}")
+def _sweep_name(lr: float, alpha: float, scale: str, update: str = "sgd") -> str:
+    return (f"sweep_lr{lr:g}_alpha{alpha:g}" + ("" if scale == "none" else f"_{scale}")
+            + ("" if update == "sgd" else f"_{update}"))
 
 
-def _mn_setting(lr, alpha, scale: str) -> list[str]:
+def _mn_setting(lr, alpha, scale: str, update: str = "sgd") -> list[str]:
     """Overrides of one mnemonics setting. With lr_scale=exemplars beta2 (old_lr) is per exemplar too: it is set to
-    beta1 / 2, the defaults' ratio (the default old_lr 0.5 would be multiplied by ~500 exemplars)."""
-    ov = [f"mnemonics.lr={lr}", f"mnemonics.inner_lr={alpha}", f"mnemonics.lr_scale={scale}"]
+    beta1 / 2, the defaults' ratio (the default old_lr 0.5 would be multiplied by ~500 exemplars). update: the inner
+    step (mnemonics.inner_update: sgd, the paper, or normalised)."""
+    ov = [f"mnemonics.lr={lr}", f"mnemonics.inner_lr={alpha}", f"mnemonics.lr_scale={scale}",
+          f"mnemonics.inner_update={update}"]
     return ov + ([f"mnemonics.old_lr={float(lr) / 2:g}"] if scale == "exemplars" else [])
 
 
-def _parse_sweep_name(name: str) -> tuple[str, str, str]:
-    """_sweep_name's inverse: (lr, alpha, lr_scale) as strings."""
+def _parse_sweep_name(name: str) -> tuple[str, str, str, str]:
+    """_sweep_name's inverse: (lr, alpha, lr_scale, inner_update) as strings."""
     lr, rest = name.removeprefix("sweep_lr").split("_alpha")
-    alpha, _, scale = rest.partition("_")
-    return lr, alpha, scale or "none"
+    alpha, _, rest = rest.partition("_")
+    update = "normalised" if rest.endswith("normalised") else "sgd"
+    scale = rest.removesuffix("normalised").rstrip("_")
+    return lr, alpha, scale or "none", update
+
+
+def _parse_best(text: str) -> tuple[str, str, str, str]:
+    """--best / --best-normalised: 'lr,alpha[,lr_scale[,inner_update]]'."""
+    lr, al, *rest = text.split(",")
+    return lr, al, rest[0] if rest else "none", rest[1] if len(rest) > 1 else "sgd"
 
 
 def main():
@@ -201,9 +213,19 @@ def main():
                     help="beta1 values run with mnemonics.lr_scale=exemplars (beta per exemplar: 0.01 equals beta1 1 "
                          "at 100 exemplars, a tin100 incremental phase; beta2 = beta1 / 2), each with every alpha; "
                          "'' for none")
+    ap.add_argument("--normalised-lrs", default="",
+                    help="beta1 values run with mnemonics.inner_update=normalised and lr_scale=exemplars, each with "
+                         "every --normalised-alphas (the step's length); the comparison then also runs the best of "
+                         "them as lucir_mnemonics_normalised. '' for none")
+    ap.add_argument("--normalised-alphas", default="0.02",
+                    help="alpha for the normalised inner step: its length in parameter space (0.02 is the paper-step "
+                         "alpha 0.01 times |g_E| ~ 2 of a tin100a-32 phase-1 model, bench/exemplar_objective.py)")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep (e.g. a CPU sweep)")
-    ap.add_argument("--best", default=None, help="lr,inner_lr[,lr_scale] to use without a sweep")
+    ap.add_argument("--best", default=None, help="lr,inner_lr[,lr_scale[,inner_update]] to use without a sweep")
+    ap.add_argument("--best-normalised", default=None,
+                    help="without a sweep: also compare lucir_mnemonics_normalised with lr,inner_lr[,lr_scale] "
+                         "(inner_update=normalised)")
     ap.add_argument("--extra", nargs="*", default=[], help="extra overrides for every mnemonics run")
     ap.add_argument("--overrides", nargs="*", default=[], help="overrides for every run (e.g. a small smoke test)")
     a = ap.parse_args()
@@ -216,7 +238,7 @@ def main():
               "schedule": f"{a.epochs} epochs per phase, lr 0.1 x0.1 at {a.epochs // 2} and {a.epochs * 3 // 4}",
               "protocol": ("tin100a-32, B50 + 10 phases of 5, growing memory 20/class, LUCIR, ResNet-32"
                            if a.config == "tin100_10phase" else f"config {a.config}"),
-              "overrides": a.overrides,
+              "overrides": a.overrides, "mnemonics_extra": a.extra,
               "seed": a.seed}
     mn = ["mnemonics.enabled=true", "mnemonics.init=herding", *a.extra]
 
@@ -245,11 +267,15 @@ def main():
     sweep_procs = {}
     if sweep:
         alphas = [float(x) for x in a.inner_lrs.split(",")]
-        grid = list(itertools.product([float(x) for x in a.lrs.split(",") if x], alphas, ["none"]))
-        grid += list(itertools.product([float(x) for x in a.scaled_lrs.split(",") if x], alphas, ["exemplars"]))
+        grid = list(itertools.product([float(x) for x in a.lrs.split(",") if x], alphas, ["none"], ["sgd"]))
+        grid += list(itertools.product([float(x) for x in a.scaled_lrs.split(",") if x], alphas, ["exemplars"],
+                                       ["sgd"]))
+        grid += list(itertools.product([float(x) for x in a.normalised_lrs.split(",") if x],
+                                       [float(x) for x in a.normalised_alphas.split(",") if x], ["exemplars"],
+                                       ["normalised"]))
         stop = f"run.stop_after_phase={a.sweep_phases}"
         for name, ov in [("sweep_herding", [stop])] + [
-                (_sweep_name(lr, al, sc), [stop, *mn, *_mn_setting(lr, al, sc)]) for lr, al, sc in grid]:
+                (_sweep_name(*setting), [stop, *mn, *_mn_setting(*setting)]) for setting in grid]:
             # branch: phase 0's model level is shared, its exemplar level is redone under each setting
             sweep_procs[name] = launch(name, [*ov, *branch(a.seed)], a, log_dir, a.seed)
     for sd in seeds:
@@ -272,12 +298,20 @@ def main():
                          "mnemonics_levels": [p.get("mnemonics") for p in m["phases"]] if m else []})
             print(f"sweep {name:>28}: rc {rc}  avg CNN over phases 1..{k}: {rows[-1]['score_avg_cnn']}", flush=True)
         ok = [r for r in rows if r["name"] != "sweep_herding" and r["score_avg_cnn"] is not None]
-        best = max(ok, key=lambda r: r["score_avg_cnn"]) if ok else None
+        paper = [r for r in ok if _parse_sweep_name(r["name"])[3] == "sgd"]
+        unit = [r for r in ok if _parse_sweep_name(r["name"])[3] == "normalised"]
+        best = max(paper, key=lambda r: r["score_avg_cnn"]) if paper else None
+        best_unit = max(unit, key=lambda r: r["score_avg_cnn"]) if unit else None
         result["sweep"] = {"phases": a.sweep_phases, "scored_phases": k,
-                           "grid": {"lr": a.lrs, "inner_lr": a.inner_lrs, "lr_scale=exemplars lr": a.scaled_lrs},
-                           "rows": rows, "best": best["name"] if best else None}
+                           "grid": {"lr": a.lrs, "inner_lr": a.inner_lrs, "lr_scale=exemplars lr": a.scaled_lrs,
+                                    "inner_update=normalised lr": a.normalised_lrs,
+                                    "inner_update=normalised inner_lr": a.normalised_alphas},
+                           "rows": rows, "best": best["name"] if best else None,
+                           "best_normalised": best_unit["name"] if best_unit else None}
         if best:
             a.best = ",".join(_parse_sweep_name(best["name"]))
+        if best_unit:
+            a.best_normalised = ",".join(_parse_sweep_name(best_unit["name"]))
         # written now too, so a run cut short by its time limit keeps the sweep
         if stopped:
             result["cut_short"] = "SIGTERM (time limit) during the sweep: scored over the phases every run finished"
@@ -289,8 +323,11 @@ def main():
         if stopped:
             print(f"wrote {a.out} (sweep cut short) in {result['total_s']:.0f} s")
             return
-    lr, al, *rest = (a.best or "1,0.01").split(",")
-    scale = rest[0] if rest else "none"
+    setting = _parse_best(a.best or "1,0.01")
+    unit_setting = None
+    if a.best_normalised:
+        lr_u, al_u, sc_u, _ = _parse_best(a.best_normalised)
+        unit_setting = (lr_u, al_u, sc_u, "normalised")
     if a.sweep_only:
         print(f"wrote {a.out} (sweep only) in {result['total_s']:.0f} s")
         return
@@ -298,8 +335,18 @@ def main():
     # ---------------------------------------------------------------- 2. random vs herding vs mnemonics
     for sd in seeds:
         procs[f"lucir_mnemonics{sfx(sd)}"] = launch(f"lucir_mnemonics{sfx(sd)}",
-                                                    [*mn, *_mn_setting(lr, al, scale), *branch(sd)], a, log_dir, sd)
-    result["compare"] = {"mnemonics_setting": {"lr": float(lr), "inner_lr": float(al), "lr_scale": scale},
+                                                    [*mn, *_mn_setting(*setting), *branch(sd)], a, log_dir, sd)
+        if unit_setting:
+            procs[f"lucir_mnemonics_normalised{sfx(sd)}"] = launch(
+                f"lucir_mnemonics_normalised{sfx(sd)}", [*mn, *_mn_setting(*unit_setting), *branch(sd)], a, log_dir,
+                sd)
+    lr, al, scale, update = setting
+    result["compare"] = {"mnemonics_setting": {"lr": float(lr), "inner_lr": float(al), "lr_scale": scale,
+                                               "inner_update": update},
+                         **({"mnemonics_normalised_setting": {"lr": float(unit_setting[0]),
+                                                              "inner_lr": float(unit_setting[1]),
+                                                              "lr_scale": unit_setting[2]}}
+                            if unit_setting else {}),
                          "seeds": seeds, "shared_phase0_per_seed": True,
                          "note": "all runs shared one GPU concurrently; wall times include that contention"}
     rcs, stopped = wait_or_stop(procs)

@@ -125,6 +125,29 @@ def test_tin100_compare_summary_compares_runs_cut_short_over_common_phases(tmp_p
     assert out["runs"]["lucir_mnemonics_s0"]["phases_done"] == 3
 
 
+def test_tin100_sweep_names_round_trip_and_normalised_runs_are_summarised_apart(tmp_path):
+    """Every sweep setting (beta1, alpha, lr_scale, inner_update) survives its run name, which is how the best one is
+    read back; lucir_mnemonics_normalised runs never count as lucir_mnemonics (a prefix match would mix them)."""
+    t = _tin100_module()
+    for setting in [(1.0, 0.01, "none", "sgd"), (0.05, 0.01, "exemplars", "sgd"),
+                    (0.5, 0.02, "exemplars", "normalised"), (3.0, 0.01, "none", "normalised")]:
+        name = t._sweep_name(*setting)
+        assert tuple(type(v)(x) for v, x in zip(setting, t._parse_sweep_name(name))) == setting, name
+        assert f"mnemonics.inner_update={setting[3]}" in t._mn_setting(*setting)
+    assert t._parse_best("0.5,0.02,exemplars") == ("0.5", "0.02", "exemplars", "sgd")
+    runs = tmp_path / "runs"
+    accs = {"lucir_herding_s0": [50, 40], "lucir_mnemonics_s0": [50, 44], "lucir_mnemonics_normalised_s0": [50, 30],
+            "lucir_mnemonics_s1": [50, 46]}
+    for name, acc in accs.items():
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.json").write_text(json.dumps({
+            "top1": {"cnn": acc, "nme": acc}, "avg_incremental_acc": {"cnn": acc[1], "nme": acc[1]}, "last_acc": {},
+            "forgetting": {}, "phases": [{"wall_s": 1.0, "train_s": 0.5, "train_img_per_s": 100.0} for _ in acc]}))
+    out = t.compare_summary(argparse.Namespace(runs=str(runs), epochs=4), list(accs), {n: 0 for n in accs})
+    assert out["summary"]["mnemonics"]["cnn"]["mean"] == 45.0 and out["summary"]["mnemonics"]["cnn"]["n"] == 2
+    assert out["summary"]["mnemonics_normalised"]["cnn"]["mean"] == 30.0
+
+
 def test_tin100_stop_children_ends_every_run(tmp_path):
     t = _tin100_module()
     procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
