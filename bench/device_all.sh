@@ -3,8 +3,11 @@
 #
 #   bash bench/device_all.sh 1   # ~7 min: build, CUDA op tests + compute-sanitizer, op benchmarks, one mnemonics
 #                                #         outer step benchmark, phase-0 training throughput (eager vs torch.compile)
-#   bash bench/device_all.sh 2   # ~5 min: tin100a-32 real-data runs (mnemonics sweep; random vs herding vs mnemonics)
-#   bash bench/device_all.sh 3   # ~8 min: the comparison for seeds 1 and 2 (BEST=beta1,alpha[,lr_scale] from part 2), for a
+#   bash bench/device_all.sh 2   # ~5 min: tin100a-32 real-data runs (mnemonics sweep, the paper's inner step and the
+#                                #         unit step mnemonics.inner_update=normalised; random vs herding vs the best of
+#                                #         each)
+#   bash bench/device_all.sh 3   # ~8 min: the comparison for seeds 1 and 2 (BEST=beta1,alpha[,lr_scale] from part 2;
+#                                #         BEST_NORMALISED=beta1,alpha,exemplars adds the unit-step runs), for a
 #                                #         later lease: parts 1 + 2 fill one 15-minute lease
 #   bash bench/device_all.sh 4   # ~6 min: build, then the mnemonics outer step: graph, bf16 and the compiled engine
 #                                #         (mnemonics.compile) against a float64 oracle; the autograd-layer A/B; a
@@ -143,7 +146,7 @@ elif [ "$PART" = 3 ]; then
   stamp "tin100a-32 comparison, more seeds (BEST=beta1,alpha[,lr_scale] from part 2)"
   step 560 "$WORK/tin100_seeds.log" "$PY" bench/tin100_experiments.py --root "$DATA" --runs "$WORK/runs" \
     --out "$WORK/tin100_seeds.json" --logs "$WORK/logs" --epochs "${EPOCHS:-10}" --skip-sweep --best "${BEST:-1,0.01}" \
-    --seeds "${SEEDS:-1,2}" --extra mnemonics.cuda_graph=true
+    --seeds "${SEEDS:-1,2}" ${BEST_NORMALISED:+--best-normalised "$BEST_NORMALISED"} --extra mnemonics.cuda_graph=true
   stamp "done"
   rm -rf "$WORK"/runs/*/checkpoints "$WORK"/runs/*/tensorboard
   tail -n 12 "$WORK/tin100_seeds.log"
@@ -151,7 +154,9 @@ else
   stamp "tin100a-32 experiments"
   step 500 "$WORK/tin100.log" "$PY" bench/tin100_experiments.py --root "$DATA" --runs "$WORK/runs" \
     --out "$WORK/tin100.json" --logs "$WORK/logs" --epochs "${EPOCHS:-10}" --lrs "${LRS:-0.3,1}" \
-    --inner-lrs "${ALPHAS:-0.01}" --scaled-lrs "${SCALED_LRS:-0.002,0.01}" --extra mnemonics.cuda_graph=true
+    --inner-lrs "${ALPHAS:-0.01}" --scaled-lrs "${SCALED_LRS:-0.01}" \
+    --normalised-lrs "${NORMALISED_LRS:-0.1,0.3}" --normalised-alphas "${NORMALISED_ALPHAS:-0.02}" \
+    --extra mnemonics.cuda_graph=true
   stamp "done"
   rm -rf "$WORK"/runs/*/checkpoints "$WORK"/runs/*/tensorboard
   cat "$WORK/tin100.log" | tail -n 30
