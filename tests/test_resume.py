@@ -284,7 +284,7 @@ def test_mnemonics_reports_feature_drift_in_the_log_and_metrics(tmp_path):
 
     moved = run_trainer(tiny_config(tmp_path, name="moved", **{**MN, "mnemonics.lr": 50.0, "mnemonics.old_lr": 50.0}))
     still = run_trainer(tiny_config(tmp_path, name="still", **{**MN, "mnemonics.lr": 0.0, "mnemonics.old_lr": 0.0}))
-    assert "features vs before: exemplar cosine" in moved.stdout
+    assert "features vs before: exemplar cosine" in moved.stdout and "exemplars classified correctly" in moved.stdout
     for run, changed in ((moved, True), (still, False)):
         phases = json.loads((run.run_dir / "metrics.json").read_text())["phases"]
         assert [("mnemonics" in p, "old" in p.get("mnemonics", {})) for p in phases] == [
@@ -294,9 +294,11 @@ def test_mnemonics_reports_feature_drift_in_the_log_and_metrics(tmp_path):
                 assert -1.0 <= level["exemplar_feature_cosine_min"] <= level["exemplar_feature_cosine_mean"] <= 1.0
                 assert level["class_mean_cosine_min"] <= level["class_mean_cosine_mean"] <= 1.0 + 1e-6
                 assert -1.0 <= level["nearest_other_class_mean_cosine_mean"] <= 1.0 + 1e-6
+                assert 0 <= level["exemplar_accuracy_after"] <= 100 and 0 <= level["exemplar_accuracy_before"] <= 100
                 if changed:
                     assert level["pixel_change_uint8_levels"] > 0 and level["exemplar_feature_cosine_mean"] < 1.0
                 else:
                     assert level["pixel_change_uint8_levels"] == 0
                     assert level["exemplar_feature_cosine_min"] > 1.0 - 1e-5
                     assert level["classes_moved_past_nearest_neighbour"] == 0
+                    assert level["exemplar_accuracy_after"] == level["exemplar_accuracy_before"]

@@ -54,6 +54,9 @@ def _feature_drift(trainer, model, before: dict, after: torch.Tensor, labels: to
     features a lot (the tin100a-32 runs lost NME that way; docs/mnemonics.md). Cosine of each exemplar's normalised
     features before/after, and of each class's NME mean (single view) before/after; for scale, how many classes'
     means moved further than the distance from their start to the nearest other seen class's mean (`seen_means`).
+    And the share of the exemplars the model's own classifier gets right, before and after: the paper's one-step
+    objective can be lowered by making exemplars harder (docs/mnemonics.md, "What the objective rewards"), and a
+    falling share is that happening.
     `before`: class -> normalised features at the start of the exemplar level; `after`: the stored pixels of
     `classes`, in class order. Same pixels on every rank, so the same numbers; no collective."""
     classes = list(classes)
@@ -64,14 +67,20 @@ def _feature_drift(trainer, model, before: dict, after: torch.Tensor, labels: to
     sim = seen_means @ seen_means.T
     sim.fill_diagonal_(-2.0)
     nearest = sim.max(1).values[classes] if len(seen_means) > 1 else torch.full_like(means, -1.0)
+    # the cosine head's prediction: argmax of cos(f, w_c) (sigma > 0 scales every logit alike)
+    w = F.normalize(model.head.full_weight().detach().float(), dim=1).to(fa.device)
+    acc_before = torch.cat([(before[c] @ w.T).argmax(1) == c for c in classes]).float().mean() * 100
+    acc_after = ((fa @ w.T).argmax(1) == labels).float().mean() * 100
     out = {"exemplar_feature_cosine_mean": float(per.mean()), "exemplar_feature_cosine_min": float(per.min()),
            "class_mean_cosine_mean": float(means.mean()), "class_mean_cosine_min": float(means.min()),
            "nearest_other_class_mean_cosine_mean": float(nearest.mean()),
-           "classes_moved_past_nearest_neighbour": int((means < nearest).sum())}
+           "classes_moved_past_nearest_neighbour": int((means < nearest).sum()),
+           "exemplar_accuracy_before": float(acc_before), "exemplar_accuracy_after": float(acc_after)}
     return (f"features vs before: exemplar cosine {out['exemplar_feature_cosine_mean']:.4f} (min "
             f"{out['exemplar_feature_cosine_min']:.4f}), class mean cosine {out['class_mean_cosine_mean']:.5f} (min "
             f"{out['class_mean_cosine_min']:.5f}; nearest other class {out['nearest_other_class_mean_cosine_mean']:.4f},"
-            f" {out['classes_moved_past_nearest_neighbour']} of {len(classes)} moved further)"), out
+            f" {out['classes_moved_past_nearest_neighbour']} of {len(classes)} moved further); exemplars classified "
+            f"correctly {out['exemplar_accuracy_before']:.1f}% -> {out['exemplar_accuracy_after']:.1f}%"), out
 
 
 def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> dict:
