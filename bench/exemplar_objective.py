@@ -16,14 +16,15 @@ checks what the change buys on data the level never saw:
 - `exemplar_loss` / `exemplar_acc`: the exemplars' own cross-entropy / accuracy under the current model.
 - `grad_norm_E`, `grad_cos_train`: |g_E| and cos(g_E, g_train), both at theta.
 - `finetune_*`: a copy of the model trained on the exemplars alone (`--finetune-steps` full-batch SGD steps,
-  `--finetune-lr`, momentum 0.9, BN in eval mode as in the level): the val accuracy over all seen classes and over the new
-  ones. The objective's promise, carried past its one step.
+  `--finetune-lr`, momentum 0.9, BN in eval mode as in the level): the val accuracy over all seen classes and over
+  the new ones. The objective's promise, carried past its one step.
 - `nme_*`: NME val accuracy with the new classes' means taken from E (old classes keep their stored exemplars).
 
     python bench/exemplar_objective.py --run runs/sweep_herding --phase 1 --betas 0,1,10,100 --out obj.json
 
 beta 0 is the herding exemplars themselves. `--inner-update normalised` runs and scores the unit-gradient inner step
-(mnemonics.inner_update), the variant that takes |g_E| out of the objective. Deterministic for a given checkpoint, seed and machine.
+(mnemonics.inner_update), the variant that takes |g_E| out of the objective. Deterministic for a given checkpoint,
+seed and machine.
 """
 from __future__ import annotations
 

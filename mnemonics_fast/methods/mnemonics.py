@@ -53,8 +53,9 @@ LR_SCALES = ("none", "exemplars")
 INNER_UPDATES = ("sgd", "normalised")  # the paper's inner SGD step; the unit-gradient step (module docstring)
 Batch = tuple[torch.Tensor, torch.Tensor]
 
-__all__ = ["MODES", "LR_SCALES", "INNER_UPDATES", "ExemplarOptimiser", "optimise_exemplars", "adjust_old_exemplars", "proto_loss",
-           "quantise_uint8", "dequantise", "init_exemplars_from_indices", "stack_class_exemplars", "split_halves"]
+__all__ = ["MODES", "LR_SCALES", "INNER_UPDATES", "ExemplarOptimiser", "optimise_exemplars", "adjust_old_exemplars",
+           "proto_loss", "quantise_uint8", "dequantise", "init_exemplars_from_indices", "stack_class_exemplars",
+           "split_halves"]
 
 
 # ======================================================================================================================
@@ -230,12 +231,17 @@ def _allreduce_list(ts: Sequence[torch.Tensor], group, differentiable: bool = Fa
     return [piece.view_as(t) for piece, t in zip(flat.split([t.numel() for t in ts]), ts)]
 
 
+def _global_norm(g: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm over all tensors of g (one vector: theta'), kept off zero."""
+    return torch.sqrt(sum((gi * gi).sum() for gi in g)).clamp_min(torch.finfo(g[0].dtype).tiny)
+
+
 def _inner_direction(g: Sequence[torch.Tensor], normalised: bool) -> list[torch.Tensor]:
     """The direction of one inner step: the gradient itself (the paper), or the gradient over its L2 norm taken over
     all of theta' (inner_update="normalised"). Differentiable: the engines keep its graph where they keep g's."""
     if not normalised:
         return list(g)
-    norm = torch.sqrt(sum((gi * gi).sum() for gi in g)).clamp_min(torch.finfo(g[0].dtype).tiny)
+    norm = _global_norm(g)
     return [gi / norm for gi in g]
 
 
@@ -397,9 +403,9 @@ class _ExemplarGrad:
             if self.shard is not None:
                 g = _allreduce_list(g, self.shard[0])
             if self.normalised:
-                unit = _inner_direction(g, True)
-                units.append((unit, torch.sqrt(sum((gi * gi).sum() for gi in g))))
-                g = unit
+                norm = _global_norm(g)
+                g = [gi / norm for gi in g]
+                units.append((g, norm))
             thetas.append(torch._foreach_add(thetas[-1], g, alpha=-self.alpha))
         at = [p.detach().requires_grad_() for p in thetas[-1]]
         loss_val = F.cross_entropy(self._call(at, qx), qy)
