@@ -155,7 +155,7 @@ else
   step 500 "$WORK/tin100.log" "$PY" bench/tin100_experiments.py --root "$DATA" --runs "$WORK/runs" \
     --out "$WORK/tin100.json" --logs "$WORK/logs" --epochs "${EPOCHS:-10}" --lrs "${LRS:-0.3,1}" \
     --inner-lrs "${ALPHAS:-0.01}" --scaled-lrs "${SCALED_LRS:-0.01}" \
-    --normalised-lrs "${NORMALISED_LRS:-0.1,0.3}" --normalised-alphas "${NORMALISED_ALPHAS:-0.02}" \
+    --normalised-lrs "${NORMALISED_LRS:-0.03,0.1}" --normalised-alphas "${NORMALISED_ALPHAS:-0.02}" \
     --extra mnemonics.cuda_graph=true
   stamp "done"
   rm -rf "$WORK"/runs/*/checkpoints "$WORK"/runs/*/tensorboard
