@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mnemonics_fast.config import load_config  # noqa: E402
 from mnemonics_fast.data.resident import ResidentTrainLoader  # noqa: E402
 from mnemonics_fast.exemplars.nme import class_mean  # noqa: E402
-from mnemonics_fast.methods.mnemonics import optimise_exemplars, quantise_uint8  # noqa: E402
+from mnemonics_fast.methods.mnemonics import _inner_direction, optimise_exemplars, quantise_uint8  # noqa: E402
 from mnemonics_fast.models import build_model  # noqa: E402
 from mnemonics_fast.trainer.loop import Trainer  # noqa: E402
 from mnemonics_fast.trainer.mnemonics_stage import _cycle  # noqa: E402
@@ -78,10 +78,7 @@ def _inner(model, names, params, ex, ey, alpha: float, steps: int, normalised: b
     theta = [p.detach() for p in params]
     for _ in range(steps):
         _, g, _ = _batched_loss_grad(model, names, theta, ex, ey)
-        if normalised:
-            n = _flat(g).norm()
-            g = [gi / n for gi in g]
-        theta = [t - alpha * gi for t, gi in zip(theta, g)]
+        theta = [t - alpha * gi for t, gi in zip(theta, _inner_direction(g, normalised))]
     return theta
 
 
