@@ -58,6 +58,7 @@ def make_outer_grad(module: nn.Module, names: Sequence[str], *, mode: str, inner
         raise ValueError(f"the compiled engine covers modes {COMPILABLE_MODES}, not {mode!r}")
     alpha, steps, names = float(inner_lr), int(inner_steps), tuple(names)
     normalised = inner_update == "normalised"
+    from .mnemonics import _inner_direction  # the eager engine's step direction (imported here: mnemonics imports us)
 
     def logits(theta, x):
         with _autocast(device_type, autocast_dtype):
@@ -74,10 +75,7 @@ def make_outer_grad(module: nn.Module, names: Sequence[str], *, mode: str, inner
             # function of the pixels (the mixed term), exactly as the eager engine's detach().requires_grad_()
             at = theta if (mode == "full" or t == 0) else tuple(p.detach() for p in theta)
             g = torch.func.grad(inner_loss)(at, x, y_all)
-            if normalised:  # inner_update="normalised": the unit gradient (methods/mnemonics.py)
-                norm = torch.sqrt(sum((gi * gi).sum() for gi in g)).clamp_min(torch.finfo(g[0].dtype).tiny)
-                g = tuple(gi / norm for gi in g)
-            theta = tuple(p - alpha * gi for p, gi in zip(theta, g))
+            theta = tuple(p - alpha * gi for p, gi in zip(theta, _inner_direction(g, normalised)))
         return F.cross_entropy(logits(theta, qx), qy)
 
     grad_and_value = torch.func.grad_and_value(val_loss, argnums=0)
