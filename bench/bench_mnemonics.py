@@ -211,6 +211,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--no-fp64", action="store_true",
                     help="skip the float64 oracle (rel err vs fp64 column; one extra float64 step per setting)")
+    ap.add_argument("--tf32", choices=["default", "on", "off"], default="default",
+                    help="TF32 for fp32 convolutions and matmuls in every variant: torch's default (convolutions "
+                         "TF32, matmuls not), on, or off (full fp32: the paths then agree with the float64 oracle; "
+                         "the trainer's mnemonics.tf32=false)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/mnemonics_<card>_<time>.json)")
     args = ap.parse_args()
     if args.quick:
@@ -219,6 +223,8 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if args.tf32 != "default":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
     variants = [v for v in args.variants.split(",")
                 if device.type == "cuda" or ("graph" not in v and "+ro" not in v)]
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -226,10 +232,12 @@ def main() -> None:
               "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(device),
               "threads": torch.get_num_threads(), "ops": ops.backend_info(), "args": vars(args),
+              "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
               "setting": f"{args.arch}, {NUM_OLD} old + {NUM_NEW} new classes, query {args.query}, "
                          f"{args.image}x{args.image} pixels"}
     print(f"# mnemonics outer step | {card} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
-          f"{header['setting']} | median of {args.repeats} after {args.warmup} warm-up")
+          f"{header['setting']} | TF32 convolutions {header['tf32']['cudnn']}, matmuls {header['tf32']['matmul']} | "
+          f"median of {args.repeats} after {args.warmup} warm-up")
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
         f"mnemonics_{card.replace(' ', '_').replace('/', '_')}_{datetime.datetime.now():%Y%m%d_%H%M%S}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

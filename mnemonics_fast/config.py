@@ -119,6 +119,8 @@ class MnemonicsConfig:
                                    # gradient all-reduced) instead of replicating it; same result up to rounding
     compile: str = "none"          # full/first_order: the outer-step gradient as one torch.func function through
                                    # torch.compile(mode=...) (methods/compiled_grad.py); same numbers up to rounding
+    tf32: bool = False             # CUDA: allow TF32 convolutions/matmuls in the exemplar level (faster; the exemplar
+                                   # gradient is then ~9% off a float64 oracle, full fp32 0.13%: docs/mnemonics.md)
 
 
 @dataclass

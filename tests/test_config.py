@@ -158,6 +158,13 @@ def test_out_of_range_names_the_key(override, key):
         load_config(None, [override])
 
 
+def test_tf32_is_off_by_default_and_checked():
+    assert load_config(None, []).mnemonics.tf32 is False    # exact fp32 exemplar gradients unless asked
+    assert load_config(None, ["mnemonics.tf32=true"]).mnemonics.tf32 is True
+    with pytest.raises(ConfigError, match=r"'mnemonics\.tf32'"):
+        load_config(None, ["mnemonics.tf32=fast"])
+
+
 def test_inner_update_needs_a_bilevel_mode():
     assert load_config(None, []).mnemonics.inner_update == "sgd"   # the paper's inner step by default
     assert load_config(None, ["mnemonics.inner_update=normalised"]).mnemonics.inner_update == "normalised"

@@ -701,3 +701,40 @@ def test_compile_failure_says_so_once_and_runs_the_eager_engine(monkeypatch, rec
     assert len(said) == 1 and "inductor could not build it" in said[0], said
     for g in got:
         torch.testing.assert_close(g, want, rtol=0, atol=0)
+
+
+def test_tf32_precision_sets_and_restores_the_flags():
+    """allow_tf32 of the exemplar level: None leaves torch's flags; True/False hold inside the block only, also when
+    the block raises."""
+    from mnemonics_fast.methods.mnemonics import tf32_precision
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    saved = flags()
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False  # torch's defaults
+        with tf32_precision(None):
+            assert flags() == (True, False)
+        with tf32_precision(False):
+            assert flags() == (False, False)
+        assert flags() == (True, False)
+        with pytest.raises(RuntimeError, match="inside"):
+            with tf32_precision(True):
+                assert flags() == (True, True)
+                raise RuntimeError("inside")
+        assert flags() == (True, False)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("allow", [None, False, True])
+def test_exemplar_gradient_runs_under_the_requested_tf32_flags(allow):
+    """The flags are what the gradient computation sees (a forward hook records them), and are restored after."""
+    model = make_model(dtype=torch.float32).eval()
+    ex, ey, qx, qy = make_data(dtype=torch.float32)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(torch.backends.cudnn.allow_tf32))
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    out = optimise_exemplars(model, ex, ey, (qx, qy), mode="full", inner_lr=0.1, inner_steps=1, outer_steps=2,
+                             lr=1.0, allow_tf32=allow)
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+    assert seen and set(seen) == {before[0] if allow is None else allow}
+    assert not torch.equal(out, ex)  # the pixels moved: the level ran

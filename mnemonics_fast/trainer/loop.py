@@ -598,7 +598,8 @@ class Trainer:
 
     # Fields that change speed or logging only: they may differ across resume and branch.
     _RESULT_NEUTRAL = {"data": {"num_workers", "cache_dir"},
-                       "mnemonics": {"cuda_graph", "exemplar_chunk", "lean_conv_grad", "shard_inner", "compile"},
+                       "mnemonics": {"cuda_graph", "exemplar_chunk", "lean_conv_grad", "shard_inner", "compile",
+                                     "tf32"},
                        "train": {"eval_batch_size", "cudnn_benchmark", "compile"}}
 
     def _check_same(self, state: dict, path: Path, sections, what: str, hint: str) -> None:

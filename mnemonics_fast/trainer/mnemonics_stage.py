@@ -95,7 +95,8 @@ def run_mnemonics(trainer, model, info, new_idx: torch.Tensor, seed: int) -> dic
                   autocast_dtype=torch.bfloat16 if cfg.bf16 and trainer.device.type == "cuda" else None,
                   progress=trainer.cfg.run.progress and trainer.dist.is_main, lr_scale=cfg.lr_scale,
                   inner_update=cfg.inner_update,
-                  lean_conv=cfg.lean_conv_grad, shard_inner=cfg.shard_inner, compile_mode=cfg.compile)
+                  lean_conv=cfg.lean_conv_grad, shard_inner=cfg.shard_inner, compile_mode=cfg.compile,
+                  allow_tf32=cfg.tf32)
 
     # proto (the released code's surrogate) needs every seen class's mean under the CURRENT model, as that code did
     means = trainer.compute_class_means(model, num_seen) if cfg.mode == "proto" else None
