@@ -25,6 +25,12 @@ checks what the change buys on data the level never saw:
 beta 0 is the herding exemplars themselves. `--inner-update normalised` runs and scores the unit-gradient inner step
 (mnemonics.inner_update), the variant that takes |g_E| out of the objective. Deterministic for a given checkpoint,
 seed and machine.
+
+`--precisions fp32,bf16` runs every beta's level twice, with the level's forward passes in fp32 and under bf16
+autocast (mnemonics.bf16; the scoring stays fp32). Each bf16 row also gives `change_cos_vs_fp32` and
+`change_rel_diff_vs_fp32`: the cosine and the relative L2 distance between its pixel change and the fp32 level's.
+The question it answers: bf16 puts a 27-28% error on each exemplar gradient (float64 oracle, CPU and H100 alike);
+does that change what the exemplars become, and what they score?
 """
 from __future__ import annotations
 
@@ -152,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the inner step (default: the run's mnemonics.inner_update, else sgd)")
     ap.add_argument("--finetune-steps", type=int, default=50)
     ap.add_argument("--finetune-lr", type=float, default=0.01)
+    ap.add_argument("--precisions", default="fp32",
+                    help="comma list of fp32, bf16: the exemplar level's forward passes (bf16 = autocast)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -199,9 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         means_old = torch.stack([class_mean(F.normalize(model.features(tr.exemplar_pixels(c)), dim=1))
                                  for c in range(new.start)]) if new.start else torch.zeros(0, model.feature_dim)
 
+    precisions = [p for p in a.precisions.split(",") if p]
+    if not precisions or set(precisions) - {"fp32", "bf16"}:
+        raise SystemExit(f"error: --precisions takes fp32 and/or bf16, got {a.precisions!r}")
     rows = []
     seed = tr._phase_seed(a.phase)
-    for beta in [float(b) for b in a.betas.split(",")]:
+    for beta, precision in [(float(b), p) for b in a.betas.split(",") for p in precisions]:
+        if beta == 0 and precision != precisions[0]:
+            continue   # herding: no level, nothing to run in another precision
         t0 = time.perf_counter()
         if beta == 0:
             ex = pixels
@@ -210,15 +223,26 @@ def main(argv: list[str] | None = None) -> int:
                                     pad=cfg.data.crop_padding, drop_last=True)
             ex = optimise_exemplars(model, pixels, labels, _cycle(q), mode=mn.mode, inner_lr=alpha,
                                     inner_steps=mn.inner_steps, outer_steps=K, lr=beta, momentum=mn.momentum,
-                                    num_classes=n_seen, inner_update=inner_update)
+                                    num_classes=n_seen, inner_update=inner_update,
+                                    autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
             if mn.storage == "uint8":
                 ex = quantise_uint8(ex).float() / 255.0
-        row = {"beta1": beta, "pixel_change_uint8_levels": float((ex - pixels).abs().mean()) * 255}
+        row = {"beta1": beta, "precision": "-" if beta == 0 else precision,
+               "pixel_change_uint8_levels": float((ex - pixels).abs().mean()) * 255}
+        ref = next((r for r in rows if r["beta1"] == beta and r["precision"] == "fp32"), None)
+        if precision == "bf16" and ref is not None:
+            d, d32 = (ex - pixels).flatten(), ref["_change"]
+            row["change_cos_vs_fp32"] = float(d @ d32 / (d.norm() * d32.norm()).clamp_min(1e-30))
+            row["change_rel_diff_vs_fp32"] = float((d - d32).norm() / d32.norm().clamp_min(1e-30))
+        row["_change"] = (ex - pixels).flatten()
         row.update(score(model, names, params, ex, labels, sets, alpha, mn.inner_steps, inner_update == "normalised",
                          a.finetune_steps, means_old, new, g_train, a.finetune_lr))
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
-        print(f"beta1 {beta:g}: {row['pixel_change_uint8_levels']:.2f} levels | gain train {row['gain_train']:.2e} "
+        vs = (f" | change vs fp32: cos {row['change_cos_vs_fp32']:.3f}, rel diff {row['change_rel_diff_vs_fp32']:.3f}"
+              if "change_cos_vs_fp32" in row else "")
+        print(f"beta1 {beta:g} {row['precision']}: {row['pixel_change_uint8_levels']:.2f} levels{vs} | gain train "
+              f"{row['gain_train']:.2e} "
               f"val_new {row['gain_val_new']:.2e} | exemplar loss {row['exemplar_loss']:.3f} acc "
               f"{row['exemplar_acc']:.1f} | |g_E| {row['grad_norm_E']:.3f} cos {row['grad_cos_train']:.3f} | "
               f"finetune val all/new {row.get('finetune_val_acc_all', float('nan')):.2f}/"
@@ -227,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     out = {"bench": "exemplar_objective", "run": str(a.run), "phase": a.phase, "new_classes": [new.start, new.stop],
            "exemplars": len(labels), "mode": mn.mode, "inner_lr": alpha, "inner_steps": mn.inner_steps,
            "inner_update": inner_update, "outer_steps": K, "lr_scale": "none", "storage": mn.storage,
-           "finetune_steps": a.finetune_steps, "finetune_lr": a.finetune_lr,
-           "torch": torch.__version__, "device": "cpu", "rows": rows}
+           "finetune_steps": a.finetune_steps, "finetune_lr": a.finetune_lr, "precisions": precisions,
+           "torch": torch.__version__, "device": "cpu",
+           "rows": [{k: v for k, v in r.items() if k != "_change"} for r in rows]}
     if a.out:
         a.out.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {a.out}")

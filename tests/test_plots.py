@@ -97,16 +97,22 @@ def test_exemplar_objective_script_scores_herding_and_optimised_exemplars(runs, 
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     mn, plain = runs
-    for rule in ("sgd", "normalised"):
+    for rule, precisions in (("sgd", "fp32,bf16"), ("normalised", "fp32")):
         out = tmp_path / f"{rule}.json"
         assert tool.main(["--run", str(plain), "--phase", "1", "--betas", "0,50", "--outer-steps", "2",
-                          "--finetune-steps", "2", "--inner-update", rule, "--out", str(out)]) == 0
+                          "--finetune-steps", "2", "--inner-update", rule, "--precisions", precisions,
+                          "--out", str(out)]) == 0
         res = json.loads(out.read_text())
-        assert res["inner_update"] == rule and [r["beta1"] for r in res["rows"]] == [0.0, 50.0]
-        still, moved = res["rows"]
+        rows = res["rows"]
+        assert res["inner_update"] == rule
+        assert [(r["beta1"], r["precision"]) for r in rows] == [(0.0, "-"), (50.0, "fp32")] + (
+            [(50.0, "bf16")] if "bf16" in precisions else [])
+        still, moved = rows[:2]
         assert still["pixel_change_uint8_levels"] == 0 and moved["pixel_change_uint8_levels"] > 0
         assert 0 <= still["exemplar_acc"] <= 100 and still["grad_norm_E"] > 0
         assert -1 <= still["grad_cos_train"] <= 1
-        assert all(math.isfinite(v) for r in res["rows"] for v in r.values())
+        assert all(math.isfinite(v) for r in rows for v in r.values() if not isinstance(v, str))
+        if "bf16" in precisions:   # the bf16 level ran under autocast: its pixels differ from the fp32 level's
+            assert -1 <= rows[2]["change_cos_vs_fp32"] <= 1 and rows[2]["change_rel_diff_vs_fp32"] > 0
     with pytest.raises(SystemExit, match="holds optimised pixels"):
         tool.main(["--run", str(mn), "--phase", "1", "--betas", "0"])
