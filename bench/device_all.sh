@@ -8,13 +8,17 @@
 #                                #         each)
 #   bash bench/device_all.sh 3   # ~8 min: the comparison for seeds 1 and 2 (BEST=beta1,alpha[,lr_scale] from part 2;
 #                                #         BEST_NORMALISED=beta1,alpha,exemplars adds the unit-step runs), for a
-#                                #         later lease: parts 1 + 2 fill one 15-minute lease
-#   bash bench/device_all.sh 4   # ~6 min: build, then the mnemonics outer step: graph, bf16 and the compiled engine
+#                                #         later lease: parts 1 + 2 fill one 15-minute lease. With SEEDS=0,1,2 EPOCHS=4
+#                                #         BUDGET=560 (default BEST: the CPU sweep's beta1 1, alpha 0.01) it is the
+#                                #         three-seed comparison issue #3 asks for, in one call
+#   bash bench/device_all.sh 4   # ~5 min (H100, 2026-11-27: 295 s): build, then the mnemonics outer step:
+#                                #         compiled+graph+bf16, graph, bf16 and the compiled engine
 #                                #         (mnemonics.compile) against a float64 oracle; the autograd-layer A/B; a
 #                                #         profile. Steps in priority order, skipped (not cut) when BUDGET runs out
 #   bash bench/device_all.sh 5   # ~6 min: build, CUDA op tests and sanitizers (what verified the kernels on the H100,
 #                                #         2026-11-27), with a 2-seed tin100a-32 comparison running beside them
-#   bash bench/device_all.sh 6   # ~6 min: build, then the trainer with the kernels vs with the references
+#   bash bench/device_all.sh 6   # ~4 min (H100, 2026-11-27: 225 s): build, then the trainer with the kernels vs
+#                                #         with the references
 #                                #         (MNEMONICS_FAST_FORCE_REFERENCE=1) on tin100a-32, 3 seeds (MN=1: with the
 #                                #         exemplar level)
 #

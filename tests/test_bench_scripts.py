@@ -173,3 +173,10 @@ def test_kernels_ab_summary_pairs_each_seed_over_the_phases_both_ways_finished(t
     assert [p["diff"]["cnn"] for p in out["pairs"]] == [-1.0, 1.0]
     assert out["summary"]["cnn"]["diff"]["mean"] == 0.0 and out["summary"]["cnn"]["diff"]["n"] == 2
     assert out["runs"]["reference_s1"]["ops"].startswith("plain-PyTorch reference") and out["complete"]
+    # another A/B (--compare bf16): the same pairing under its own way names, first minus second
+    for name, acc in {"bf16_s0": [60, 51], "fp32_s0": [60, 50]}.items():
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.json").write_text(json.dumps({"top1": {"cnn": acc, "nme": acc}}))
+    out = ab.summarise(argparse.Namespace(runs=str(runs)), [0], {"bf16_s0": 0, "fp32_s0": 0}, ("bf16", "fp32"))
+    assert out["pairs"][0]["diff"]["cnn"] == 0.5 and set(out["summary"]["cnn"]) == {"diff", "bf16", "fp32"}
+    assert ab.COMPARES["bf16"][0][2] == ["mnemonics.bf16=true"] and ab.COMPARES["tf32"][0][2] == ["mnemonics.tf32=true"]

@@ -248,23 +248,24 @@ def test_branch_from_refuses_a_different_model_level(tmp_path):
         run_trainer(tiny_config(tmp_path, name="b3", **MN, **{"run.branch_from": str(tmp_path / "nope.pt")}))
 
 
-def test_tf32_reaches_the_exemplar_level(tmp_path, monkeypatch):
-    """mnemonics.tf32 (default false: full fp32 exemplar gradients on CUDA) is what the exemplar level is given, for
-    (b) and for (c)."""
+def test_precision_options_reach_the_exemplar_level(tmp_path, monkeypatch):
+    """mnemonics.tf32 (default false: full fp32 exemplar gradients on CUDA) and mnemonics.bf16 (default false; on the
+    CPU too) are what the exemplar level is given, for (b) and for (c)."""
     from mnemonics_fast.trainer import mnemonics_stage
     seen = []
     for name in ("optimise_exemplars", "adjust_old_exemplars"):
         real = getattr(mnemonics_stage, name)
 
         def spy(*a, _real=real, **kw):
-            seen.append(kw["allow_tf32"])
+            seen.append((kw["allow_tf32"], kw["autocast_dtype"]))
             return _real(*a, **kw)
         monkeypatch.setattr(mnemonics_stage, name, spy)
     run_trainer(tiny_config(tmp_path, name="fp32", **{**MN, "run.stop_after_phase": 1}))
-    assert len(seen) == 3 and set(seen) == {False}      # (b) of phases 0 and 1, (c) of phase 1
+    assert len(seen) == 3 and set(seen) == {(False, None)}      # (b) of phases 0 and 1, (c) of phase 1
     seen.clear()
-    run_trainer(tiny_config(tmp_path, name="tf32", **{**MN, "run.stop_after_phase": 0, "mnemonics.tf32": True}))
-    assert seen == [True]
+    run_trainer(tiny_config(tmp_path, name="fast", **{**MN, "run.stop_after_phase": 0, "mnemonics.tf32": True,
+                                                      "mnemonics.bf16": True}))
+    assert seen == [(True, torch.bfloat16)]
 
 
 def test_lr_scale_reaches_the_trainer(tmp_path):
