@@ -1,9 +1,9 @@
 """The trainer with the CUDA kernels against the trainer on the plain-PyTorch references
 (MNEMONICS_FAST_FORCE_REFERENCE=1): the same runs, both ways, for several seeds, all at once on one GPU. The question
 is whether the kernels change what training learns. `--compare bf16` / `--compare tf32` ask the same of the exemplar
-level's speed options (mnemonics.bf16 / mnemonics.tf32 against full fp32), with the exemplar level on. Kernels and references round differently, so the runs are not
-bit-identical; the test is that each seed's difference between the two (paired) stays within the spread between
-seeds.
+level's speed options (mnemonics.bf16 / mnemonics.tf32 against full fp32), with the exemplar level on. The two ways
+round differently, so the runs are not bit-identical; the test is that each seed's difference between the two
+(paired) stays within the spread between seeds.
 
     python bench/kernels_ab_train.py --root /path/to/tin100a-32 --epochs 4 --seeds 0,1,2 --out ab.json
 

@@ -111,8 +111,8 @@ class MnemonicsConfig:
     query_batch_size: int = 128    # real images per outer step (global; split over ranks)
     storage: str = "float"         # float | uint8 (rounded) between phases
     exemplar_chunk: int = 0        # 0: whole exemplar batch at once; else chunk size (224x224 memory)
-    bf16: bool = False             # bf16 autocast for the exemplar level's forward passes (CUDA or CPU; same exemplars
-                                   # as fp32 in the measured cases: docs/mnemonics.md)
+    bf16: bool = False             # bf16 autocast for the exemplar level's forward passes (CUDA or CPU; it moved the
+                                   # pixels as fp32 did where measured: docs/mnemonics.md)
     cuda_graph: bool = False       # CUDA: replay one outer step's gradient computation as a CUDA graph
     lean_conv_grad: bool = True    # full/first_order: conv backwards whose 2nd-order pass skips unneeded weight-grad
                                    # convolutions (methods/lean_conv.py); same numbers up to rounding, false = torch's
