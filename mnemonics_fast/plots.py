@@ -8,6 +8,9 @@
     python -m mnemonics_fast.plots drift --run runs/NAME_OF_A_MNEMONICS_RUN [--compare runs/OTHER ...]
         per phase, how far each exemplar level moved the exemplars: pixels (uint8 levels) and features (cosine of
         each exemplar's and each class mean's features to where they started), new classes (b) and old classes (c)
+    python -m mnemonics_fast.plots compare --json bench/results/digits_exemplars_cpu.json [MORE.json ...] [--out P]
+        a comparison benchmark's runs (bench/tin100_experiments.py, bench/kernels_ab_train.py): accuracy per phase of
+        each method or way, mean over seeds with the range between them shaded, CNN and NME side by side
 """
 from __future__ import annotations
 
@@ -41,6 +44,56 @@ def plot_curve(runs: list[Path], out: Path) -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=150)
+    plt.close(fig)
+    return out
+
+
+def _compare_runs(obj, found: dict | None = None) -> dict[str, dict]:
+    """Every run record (a dict with top1 = {cnn: [...], nme: [...]}) under a "runs" key of a benchmark JSON."""
+    found = {} if found is None else found
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "runs" and isinstance(v, dict):
+                found.update({n: r for n, r in v.items()
+                              if isinstance(r, dict) and isinstance(r.get("top1"), dict) and r["top1"].get("cnn")})
+            else:
+                _compare_runs(v, found)
+    return found
+
+
+def plot_compare(files: list[Path], out: Path) -> Path:
+    """One row per JSON file; runs named METHOD or METHOD_s<seed> are grouped by METHOD ("lucir_" dropped)."""
+    import re
+
+    from matplotlib.ticker import MaxNLocator
+    plt = _plt()
+    fig, axes = plt.subplots(len(files), 2, figsize=(12, 4 * len(files)), squeeze=False)
+    for row, f in zip(axes, files):
+        runs = _compare_runs(json.loads(f.read_text()))
+        if not runs:
+            raise SystemExit(f"error: {f} holds no runs with per-phase accuracy (a tin100_experiments.py or "
+                             f"kernels_ab_train.py result is expected)")
+        groups: dict[str, list[dict]] = {}
+        for name, r in sorted(runs.items()):
+            groups.setdefault(re.sub(r"_s\d+$", "", name).removeprefix("lucir_"), []).append(r["top1"])
+        for ax, kind in zip(row, ("cnn", "nme")):
+            for method, tops in groups.items():
+                n = min(len(t[kind]) for t in tops)   # phases every seed of this method finished
+                acc = torch.tensor([t[kind][:n] for t in tops], dtype=torch.float64)
+                mean = acc.mean(0)
+                x = list(range(n))
+                ax.plot(x, mean.tolist(), "-o", ms=3,
+                        label=f"{method} (avg {float(mean.mean()):.2f}, {len(tops)} seed{'s' if len(tops) > 1 else ''})")
+                if len(tops) > 1:
+                    ax.fill_between(x, acc.min(0).values.tolist(), acc.max(0).values.tolist(), alpha=0.15)
+            ax.set_title(f"{f.name}: {kind.upper()}", fontsize=9)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("phase")
+            ax.set_ylabel("top-1 accuracy (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
     plt.close(fig)
     return out
 
@@ -171,7 +224,18 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--classes", type=int, default=5)
     t.add_argument("--phases", type=int, nargs="*", default=None)
     t.add_argument("--out", type=Path, default=None)
+    k = sub.add_parser("compare")
+    k.add_argument("--json", required=True, nargs="+", type=Path)
+    k.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
+    if a.cmd == "compare":
+        missing = [str(f) for f in a.json if not f.is_file()]
+        if missing:
+            print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
+            return 2
+        out = plot_compare(a.json, a.out or a.json[0].with_suffix(".png"))
+        print(f"wrote {out}")
+        return 0
     if not (a.run / "config.yaml").is_file():
         print(f"error: {a.run} is not a run directory (no config.yaml)", file=sys.stderr)
         return 2

@@ -116,3 +116,24 @@ def test_exemplar_objective_script_scores_herding_and_optimised_exemplars(runs, 
             assert -1 <= rows[2]["change_cos_vs_fp32"] <= 1 and rows[2]["change_rel_diff_vs_fp32"] > 0
     with pytest.raises(SystemExit, match="holds optimised pixels"):
         tool.main(["--run", str(mn), "--phase", "1", "--betas", "0"])
+
+
+def test_compare_plot_from_committed_benchmark_results(tmp_path):
+    """`plots compare` draws a comparison benchmark's JSON (the committed digits result: 3 methods x 3 seeds) and
+    refuses a JSON without per-phase runs, naming the file."""
+    import json
+    from pathlib import Path
+
+    from mnemonics_fast import plots
+    src = Path(__file__).resolve().parents[1] / "bench" / "results" / "digits_exemplars_cpu.json"
+    runs = plots._compare_runs(json.loads(src.read_text()))
+    assert len(runs) == 9 and {n.rsplit("_s", 1)[0] for n in runs} == {"lucir_random", "lucir_herding",
+                                                                         "lucir_mnemonics"}
+    out = tmp_path / "cmp.png"
+    assert plots.main(["compare", "--json", str(src), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit, match="empty.json holds no runs"):
+        plots.main(["compare", "--json", str(empty)])
+    assert plots.main(["compare", "--json", str(tmp_path / "nope.json")]) == 2
