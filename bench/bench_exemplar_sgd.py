@@ -45,7 +45,7 @@ def copy_bandwidth() -> dict:
     src, dst = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
     r = cuda_time(lambda i: dst.copy_(src), samples=20, budget_s=1.0)
     r["gbps"] = 2 * n * 4 / (r["ms"] * 1e-3) / 1e9
-    del src, dst
+    src = dst = None  # free the 2 GiB now (not `del`: the timed lambda closes over them)
     torch.cuda.empty_cache()
     return r
 
@@ -145,7 +145,8 @@ def bench_size(N, shape, quick: bool, copy_gbps: float) -> list[dict]:
     record("bank", "SGD(fused=True) + clamp_", lambda: optimizer_step("fused", "bank"))
     record("bank", "ours", lambda: (lambda i: ops.exemplar_sgd_step_(*([t] for t in banks[i % n_sets]), LR, MOMENTUM,
                                                                      WD, LO, HI)))
-    del banks, lists
+    banks.clear()  # free this size's tensors before the next one (the lambdas close over these lists)
+    lists.clear()
     torch.cuda.empty_cache()
     return results
 
