@@ -29,6 +29,19 @@ def _plt():
     return plt
 
 
+def _accuracy_axes(ax) -> None:
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save(plt, fig, out: Path, dpi: int) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
 def plot_curve(runs: list[Path], out: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -39,13 +52,8 @@ def plot_curve(runs: list[Path], out: Path) -> Path:
             avg = m["avg_incremental_acc"][kind]
             ax.plot(classes, m["top1"][kind], style, ms=3, label=f"{run.name} {kind.upper()} (avg {avg:.2f})")
     ax.set_xlabel("number of classes seen")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=150)
-    plt.close(fig)
-    return out
+    _accuracy_axes(ax)
+    return _save(plt, fig, out, 150)
 
 
 def _compare_runs(obj, found: dict | None = None) -> dict[str, dict]:
@@ -89,13 +97,8 @@ def plot_compare(files: list[Path], out: Path) -> Path:
             ax.set_title(f"{f.name}: {kind.upper()}", fontsize=9)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("phase")
-            ax.set_ylabel("top-1 accuracy (%)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+            _accuracy_axes(ax)
+    return _save(plt, fig, out, 130)
 
 
 def plot_drift(runs: list[Path], out: Path) -> Path:
@@ -134,10 +137,7 @@ def plot_drift(runs: list[Path], out: Path) -> Path:
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=150)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out, 150)
 
 
 def plot_tsne(run: Path, out: Path, num_classes: int = 5, phases: list[int] | None = None, seed: int = 0) -> Path:
@@ -201,10 +201,7 @@ def plot_tsne(run: Path, out: Path, num_classes: int = 5, phases: list[int] | No
             ax.set_title(f"phase {ph}: {kind} exemplars (stars) over real data (dots)", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out, 130)
 
 
 def main(argv: list[str] | None = None) -> int:
