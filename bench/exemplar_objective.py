@@ -22,7 +22,10 @@ checks what the change buys on data the level never saw:
 
     python bench/exemplar_objective.py --run runs/sweep_herding --phase 1 --betas 0,1,10,100 --out obj.json
 
-beta 0 is the herding exemplars themselves. `--inner-update normalised` runs and scores the unit-gradient inner step
+beta 0 is the herding exemplars themselves. `--storage uint8` rounds every optimised set to whole uint8 levels
+before scoring it, as the trainer keeps exemplars between phases with mnemonics.storage=uint8. `--query-old K`
+appends K of the stored old-class exemplars to every query batch (not the paper: its query holds new-class data
+only, so the level can lower it by biasing the inner step towards the new classes, docs/mnemonics.md). `--inner-update normalised` runs and scores the unit-gradient inner step
 (mnemonics.inner_update), the variant that takes |g_E| out of the objective. Deterministic for a given checkpoint,
 seed and machine.
 
@@ -74,6 +77,18 @@ def _batched_loss_grad(model, names, theta, x, y, batch: int = 500, need_grad: b
             g = torch.autograd.grad(loss, th)
             grads = list(g) if grads is None else [a + b for a, b in zip(grads, g)]
     return total, grads, correct / len(y) * 100
+
+
+def _with_old_exemplars(batches, tr, num_old: int, k: int, seed: int):
+    """Query batches with k stored old-class exemplars appended to each (`--query-old`; not the paper)."""
+    if num_old == 0:
+        raise SystemExit("error: --query-old needs a phase with old classes (phase >= 1)")
+    x_old = torch.cat([tr.exemplar_pixels(c) for c in range(num_old)])
+    y_old = torch.cat([torch.full((len(tr.memory.ranking[c]),), c, dtype=torch.long) for c in range(num_old)])
+    g = torch.Generator().manual_seed(seed)
+    for x, y in batches:
+        i = torch.randint(len(y_old), (k,), generator=g)
+        yield torch.cat([x, x_old[i].to(x.device, x.dtype)]), torch.cat([y, y_old[i].to(y.device)])
 
 
 def _flat(ts) -> torch.Tensor:
@@ -160,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune-lr", type=float, default=0.01)
     ap.add_argument("--precisions", default="fp32",
                     help="comma list of fp32, bf16: the exemplar level's forward passes (bf16 = autocast)")
+    ap.add_argument("--storage", choices=("float", "uint8"), default=None,
+                    help="how the optimised exemplars are kept before scoring (default: the run's mnemonics.storage);"
+                         " uint8 rounds, as the trainer does between phases")
+    ap.add_argument("--query-old", type=int, default=0, metavar="K",
+                    help="append K old-class exemplars (seeded random draw, not augmented) to every query batch of"
+                         " the level: NOT the paper, whose query batches hold new-class data only")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -175,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     alpha = a.inner_lr if a.inner_lr is not None else mn.inner_lr
     K = a.outer_steps if a.outer_steps is not None else mn.outer_steps
     inner_update = a.inner_update or getattr(mn, "inner_update", "sgd")
+    storage = a.storage or mn.storage
     tr = Trainer(cfg)
     tr.setup()
     if not tr.ds.resident:
@@ -221,11 +243,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             q = ResidentTrainLoader(tr.x_train, new_idx, y_new, None, mn.query_batch_size, tr.device, 0, 1, seed + 3,
                                     pad=cfg.data.crop_padding, drop_last=True)
-            ex = optimise_exemplars(model, pixels, labels, _cycle(q), mode=mn.mode, inner_lr=alpha,
+            batches = _cycle(q)
+            if a.query_old:
+                batches = _with_old_exemplars(batches, tr, new.start, a.query_old, seed + 5)
+            ex = optimise_exemplars(model, pixels, labels, batches, mode=mn.mode, inner_lr=alpha,
                                     inner_steps=mn.inner_steps, outer_steps=K, lr=beta, momentum=mn.momentum,
                                     num_classes=n_seen, inner_update=inner_update,
                                     autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
-            if mn.storage == "uint8":
+            if storage == "uint8":
                 ex = quantise_uint8(ex).float() / 255.0
         row = {"beta1": beta, "precision": "-" if beta == 0 else precision,
                "pixel_change_uint8_levels": float((ex - pixels).abs().mean()) * 255}
@@ -250,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['nme_val_acc_new']:.2f} | {row['seconds']:.0f} s", flush=True)
     out = {"bench": "exemplar_objective", "run": str(a.run), "phase": a.phase, "new_classes": [new.start, new.stop],
            "exemplars": len(labels), "mode": mn.mode, "inner_lr": alpha, "inner_steps": mn.inner_steps,
-           "inner_update": inner_update, "outer_steps": K, "lr_scale": "none", "storage": mn.storage,
+           "inner_update": inner_update, "query_old": a.query_old, "outer_steps": K, "lr_scale": "none", "storage": storage,
            "finetune_steps": a.finetune_steps, "finetune_lr": a.finetune_lr, "precisions": precisions,
            "torch": torch.__version__, "device": "cpu",
            "rows": [{k: v for k, v in r.items() if k != "_change"} for r in rows]}

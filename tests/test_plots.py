@@ -114,6 +114,22 @@ def test_exemplar_objective_script_scores_herding_and_optimised_exemplars(runs, 
         assert all(math.isfinite(v) for r in rows for v in r.values() if not isinstance(v, str))
         if "bf16" in precisions:   # the bf16 level ran under autocast: its pixels differ from the fp32 level's
             assert -1 <= rows[2]["change_cos_vs_fp32"] <= 1 and rows[2]["change_rel_diff_vs_fp32"] > 0
+        if rule == "sgd":
+            float_change = moved["pixel_change_uint8_levels"]
+    # --storage uint8 scores the exemplars as the trainer keeps them between phases: rounded to whole levels
+    out = tmp_path / "uint8.json"
+    assert tool.main(["--run", str(plain), "--phase", "1", "--betas", "50", "--outer-steps", "2",
+                      "--finetune-steps", "2", "--inner-update", "sgd", "--storage", "uint8", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["storage"] == "uint8"
+    assert res["rows"][0]["pixel_change_uint8_levels"] != pytest.approx(float_change, rel=1e-6)
+    # --query-old K: old-class exemplars join every query batch, which changes where the level takes the pixels
+    out = tmp_path / "query_old.json"
+    assert tool.main(["--run", str(plain), "--phase", "1", "--betas", "50", "--outer-steps", "2",
+                      "--finetune-steps", "2", "--inner-update", "sgd", "--query-old", "4", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["query_old"] == 4
+    assert res["rows"][0]["pixel_change_uint8_levels"] != pytest.approx(float_change, rel=1e-6)
     with pytest.raises(SystemExit, match="holds optimised pixels"):
         tool.main(["--run", str(mn), "--phase", "1", "--betas", "0"])
 
