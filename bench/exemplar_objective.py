@@ -25,9 +25,9 @@ checks what the change buys on data the level never saw:
 beta 0 is the herding exemplars themselves. `--storage uint8` rounds every optimised set to whole uint8 levels
 before scoring it, as the trainer keeps exemplars between phases with mnemonics.storage=uint8. `--query-old K`
 appends K of the stored old-class exemplars to every query batch (not the paper: its query holds new-class data
-only, so the level can lower it by biasing the inner step towards the new classes, docs/mnemonics.md). `--inner-update normalised` runs and scores the unit-gradient inner step
-(mnemonics.inner_update), the variant that takes |g_E| out of the objective. Deterministic for a given checkpoint,
-seed and machine.
+only, so the level can lower it by biasing the inner step towards the new classes, docs/mnemonics.md).
+`--inner-update normalised` runs and scores the unit-gradient inner step (mnemonics.inner_update), the variant that
+takes |g_E| out of the objective. Deterministic for a given checkpoint, seed and machine.
 
 `--precisions fp32,bf16` runs every beta's level twice, with the level's forward passes in fp32 and under bf16
 autocast (mnemonics.bf16; the scoring stays fp32). Each bf16 row also gives `change_cos_vs_fp32` and
@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['nme_val_acc_new']:.2f} | {row['seconds']:.0f} s", flush=True)
     out = {"bench": "exemplar_objective", "run": str(a.run), "phase": a.phase, "new_classes": [new.start, new.stop],
            "exemplars": len(labels), "mode": mn.mode, "inner_lr": alpha, "inner_steps": mn.inner_steps,
-           "inner_update": inner_update, "query_old": a.query_old, "outer_steps": K, "lr_scale": "none", "storage": storage,
+           "inner_update": inner_update, "query_old": a.query_old, "outer_steps": K, "lr_scale": "none",
+           "storage": storage,
            "finetune_steps": a.finetune_steps, "finetune_lr": a.finetune_lr, "precisions": precisions,
            "torch": torch.__version__, "device": "cpu",
            "rows": [{k: v for k, v in r.items() if k != "_change"} for r in rows]}
