@@ -100,8 +100,9 @@ class MnemonicsConfig:
     outer_steps: int = 50          # K: exemplar updates per phase (new classes)
     lr: float = 1.0                # beta1: exemplar lr in [0, 1] pixel space (normalised-space equivalent: beta/std^2,
                                    # docs/mnemonics.md). Provisional, from 4-epoch models
-                                   # (mnemonics_sweep_cpu_branch.json); on a 30-epoch model it moves ~2 uint8
-                                   # levels and hurts NME (exemplar_objective_tin100_30ep_cpu.json)
+                                   # (mnemonics_sweep_cpu_branch.json); at phase 1 of a 30-epoch model it moves the
+                                   # new exemplars ~2 uint8 levels and hurts NME
+                                   # (exemplar_objective_tin100_30ep_cpu.json)
     old_lr: float = 0.5            # beta2: exemplar lr for the old-class A/B adjustment
     lr_scale: str = "none"         # none (the paper) | exemplars: beta1 and beta2 are per exemplar, multiplied by the
                                    # number of exemplars in the inner loss (set both small: docs/mnemonics.md)
