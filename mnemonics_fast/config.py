@@ -82,7 +82,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     eval_batch_size: int = 512
-    amp: bool = True               # bf16 autocast on CUDA (ignored on CPU)
+    amp: bool = True               # bf16 autocast on CUDA while training (ignored on CPU)
+    amp_eval: bool = False         # also bf16 for evaluation, herding, imprinting and NME features; off: those run
+                                   # in fp32, so reported accuracies and exemplar picks do not depend on `amp`
     channels_last: bool = True     # CUDA only
     cudnn_benchmark: bool = True   # CUDA only: let cuDNN pick the fastest conv algorithms (shapes are fixed)
     phase0_epochs: int = -1        # -1: same as `epochs`

@@ -192,6 +192,18 @@ def test_model_state_and_train_flags_unchanged(mode):
     assert all(p.grad is None for p in model.parameters()), "the exemplar level must not leave .grad on the model"
 
 
+def test_bad_arguments_leave_the_train_flags_alone():
+    """A call refused while setting up (here: no trainable parameter for theta') restores the model's modes."""
+    model = make_model(torch.float32)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ex, ey, qx, qy = make_data(torch.float32)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        optimise_exemplars(model, ex, ey, (qx, qy), mode="full", inner_lr=0.1, inner_steps=1, outer_steps=1, lr=0.1)
+    assert all(m.training for m in model.modules()), "training flags must be restored after a refused call"
+
+
 def test_validation_loss_decreases():
     model = make_model(torch.float32)
     ex, ey, qx, qy = make_data(torch.float32, m=6, b=16)

@@ -147,24 +147,42 @@ def test_lucir_random_fixed_class_balanced_finetune(tmp_path, monkeypatch):
                                    "method.class_balanced_finetune": True, "method.cbf_epochs": 2,
                                    "method.cbf_milestones": [1], "train.epochs": 1, "protocol.num_phases": 1,
                                    "data.synthetic_classes": 4})
-    seen = []
-    orig = Trainer.train_model
+    seen, loaders, heads = [], [], []
+    orig, orig_loader = Trainer.train_model, Trainer._train_loader
 
     def spy(self, model, teacher, loader, info, epochs, lr, milestones, *args, **kwargs):
         before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+        head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
         out = orig(self, model, teacher, loader, info, epochs, lr, milestones, *args, **kwargs)
         after = model.backbone.state_dict()
         seen.append((info.phase, bool(kwargs.get("head_only", False)), epochs, lr,
                      all(torch.equal(before[k], after[k]) for k in before)))
+        if kwargs.get("head_only"):
+            head_after = model.head.state_dict()
+            heads.append({k: torch.equal(head_before[k], head_after[k]) for k in head_before})
         return out
 
+    def spy_loader(self, idx, labels, *args, **kwargs):
+        loaders.append((idx.clone(), labels.clone()))
+        return orig_loader(self, idx, labels, *args, **kwargs)
+
     monkeypatch.setattr(Trainer, "train_model", spy)
+    monkeypatch.setattr(Trainer, "_train_loader", spy_loader)
     run = run_trainer(cfg)
     _check_metrics(run, num_phases=1)
     assert seen[0][:2] == (0, False) and seen[1][:2] == (1, False)
     assert seen[2] == (1, True, 2, 0.01, True)            # head only, cbf schedule, backbone (and BN stats) frozen
+    # LUCIR's default CBF (ft_flag 2): old and new rows train, sigma stays; old rows frozen again afterwards
+    assert heads == [{"fc1.weight": False, "fc2.weight": False, "sigma": True}]
+    assert not run.trainer.model.head.fc1.weight.requires_grad and run.trainer.model.head.sigma.requires_grad
     assert "class-balanced fine-tuning" in run.stdout
     assert len(run.trainer.memory) <= 24
+    # Class-balanced: 24 // 4 = 6 exemplars of each of the 4 seen classes (the old ones already trimmed from 12),
+    # and they are the memory the run keeps (the new classes' selected exemplars, not other images of theirs).
+    cbf_idx, cbf_lab = loaders[2]
+    assert torch.bincount(cbf_lab, minlength=4).tolist() == [6, 6, 6, 6]
+    mem_idx, mem_lab = run.trainer.memory.index_exemplars()
+    assert sorted(zip(cbf_idx.tolist(), cbf_lab.tolist())) == sorted(zip(mem_idx.tolist(), mem_lab.tolist()))
 
 
 def test_reported_accuracy_recomputed_from_the_final_model(lucir_run):
@@ -266,3 +284,57 @@ def test_compile_unavailable_is_said_once_and_training_goes_on_eagerly(tmp_path,
         tr.setup()
     assert tr.compile_mode == "none"
     assert buf.getvalue().count("train.compile=default: torch.compile cannot run here (no C++ compiler (test))") == 1
+
+
+def test_feature_passes_stay_fp32_unless_amp_eval():
+    """train.amp autocasts the model level only; evaluation, herding, imprinting and class means run in fp32 unless
+    train.amp_eval asks for bf16 too (bf16 logits flip close top-1 calls). Checked on the context the trainer picks."""
+    import warnings
+    from mnemonics_fast.config import Config
+    tr = Trainer.__new__(Trainer)
+    tr.device, tr.cfg = torch.device("cuda", 0), Config()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # a CPU-only torch warns that CUDA autocast is unavailable
+        assert tr.cfg.train.amp and not tr.cfg.train.amp_eval
+        assert isinstance(tr._autocast(), torch.autocast)
+        assert not isinstance(tr._autocast(evaluation=True), torch.autocast)
+        tr.cfg.train.amp_eval = True
+        assert isinstance(tr._autocast(evaluation=True), torch.autocast)
+        tr.cfg.train.amp = False
+        assert not isinstance(tr._autocast(), torch.autocast) and not isinstance(tr._autocast(True), torch.autocast)
+
+
+def test_trainer_passes_lucir_the_old_and_new_class_counts(tmp_path, monkeypatch):
+    """The loss tests check lambda = lambda_base * sqrt(old/new) and the margin ranking's old/new split on the
+    functions; this checks the trainer's wiring: in every batch of phase p, num_old is the teacher head's size, num_new
+    the phase's classes, and the lambda and margin-ranking calls receive exactly those counts."""
+    import mnemonics_fast.methods.lucir as lucir
+    calls, lams, mrs = [], [], []
+    orig_loss, orig_lam, orig_mr = lucir.LUCIR.loss, lucir.less_forget_lambda, lucir.margin_ranking_loss
+
+    def loss(self, out, targets, teacher_out, info):
+        calls.append((info.phase, info.num_old, info.num_new, out.logits.shape[1],
+                      None if teacher_out is None else teacher_out.logits.shape[1], int(targets.max())))
+        return orig_loss(self, out, targets, teacher_out, info)
+
+    def lam(num_old, num_new, base):
+        lams.append((num_old, num_new, base, orig_lam(num_old, num_new, base)))
+        return lams[-1][-1]
+
+    def mr(cos, targets, num_old, *args, **kwargs):
+        mrs.append((num_old, cos.shape[1]))
+        return orig_mr(cos, targets, num_old, *args, **kwargs)
+
+    monkeypatch.setattr(lucir.LUCIR, "loss", loss)
+    monkeypatch.setattr(lucir, "less_forget_lambda", lam)
+    monkeypatch.setattr(lucir, "margin_ranking_loss", mr)
+    run = run_trainer(tiny_config(tmp_path, **{"train.epochs": 1, "method.lambda_base": 5.0}))
+    _check_metrics(run, num_phases=2)
+    seen = {}
+    for phase, old, new, out_c, teacher_c, top in calls:
+        seen.setdefault(phase, set()).add((old, new, out_c, teacher_c))
+        assert top < old + new                                   # labels within the seen classes
+    assert seen == {0: {(0, 2, 2, None)}, 1: {(2, 2, 4, 2)}, 2: {(4, 2, 6, 4)}}
+    assert {(o, n, b) for o, n, b, _ in lams} == {(2, 2, 5.0), (4, 2, 5.0)}
+    assert all(v == pytest.approx(5.0 * math.sqrt(o / n)) for o, n, _, v in lams)
+    assert set(mrs) == {(2, 4), (4, 6)}

@@ -628,18 +628,23 @@ class ExemplarOptimiser:
                 self.cuda_graph = False
         self._flags = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
-        # The bank: a private contiguous copy (the caller's init tensor is never written), a leaf the gradient is
-        # taken against, and the single tensor the fused update writes.
-        self.bank = exemplars.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
-        self.buf = torch.zeros_like(self.bank, requires_grad=False)
-        self._fn = _ExemplarGrad(self.model, labels.detach().to(self.bank.device), mode=mode, inner_lr=inner_lr,
-                                 inner_steps=inner_steps if inner_steps is not None else 1,
-                                 num_classes=num_classes, fixed=fixed_exemplars, class_means=class_means,
-                                 chunk=exemplar_chunk, autocast_dtype=autocast_dtype, lean_conv=lean_conv,
-                                 shard=shard, inner_update=inner_update)
-        self._eager_fn = self._fn
-        if compile_mode != "none":
-            self._use_compiled(compile_mode, mode, shard)
+        try:
+            # The bank: a private contiguous copy (the caller's init tensor is never written), a leaf the gradient
+            # is taken against, and the single tensor the fused update writes.
+            self.bank = exemplars.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
+            self.buf = torch.zeros_like(self.bank, requires_grad=False)
+            self._fn = _ExemplarGrad(self.model, labels.detach().to(self.bank.device), mode=mode, inner_lr=inner_lr,
+                                     inner_steps=inner_steps if inner_steps is not None else 1,
+                                     num_classes=num_classes, fixed=fixed_exemplars, class_means=class_means,
+                                     chunk=exemplar_chunk, autocast_dtype=autocast_dtype, lean_conv=lean_conv,
+                                     shard=shard, inner_update=inner_update)
+            self._eager_fn = self._fn
+            if compile_mode != "none":
+                self._use_compiled(compile_mode, mode, shard)
+        except BaseException:
+            for m, flag in self._flags:   # a bad argument must not leave the caller's model in eval mode
+                m.training = flag
+            raise
         self._graph: _GraphedGrad | None = None
         self._warned_shape = False
         # lr_scale="exemplars": beta is per exemplar. dL_val/dE_j carries the inner loss's 1/N (N exemplars in its

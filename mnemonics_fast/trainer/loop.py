@@ -125,6 +125,10 @@ class Trainer:
                     f"phase, worth it only for many outer steps; docs/mnemonics.md)")
         self.log(f"memory: {mem.kind} ({f'{mem.per_class} per class' if mem.kind == 'growing' else f'{mem.total} total'}), "
                  f"{sel}")
+        amp = self.device.type == "cuda" and cfg.train.amp
+        self.log(f"evaluation: CNN and NME (exemplar class means, {cfg.method.nme_view} view); precision: training "
+                 f"{'bf16 autocast' if amp else 'fp32'}, feature passes "
+                 f"{'bf16 autocast' if amp and cfg.train.amp_eval else 'fp32'}")
         small = torch.nonzero(counts < mem.per_class).flatten().tolist()
         if mem.kind == "growing" and small:
             self.log(f"note: {len(small)} classes have fewer training images than memory.per_class={mem.per_class}; "
@@ -187,8 +191,10 @@ class Trainer:
         from ..data.torchvision_loader import TorchvisionEvalLoader, TorchvisionTrainLoader
         return TorchvisionTrainLoader, TorchvisionEvalLoader
 
-    def _autocast(self):
-        if self.device.type == "cuda" and self.cfg.train.amp:
+    def _autocast(self, evaluation: bool = False):
+        """bf16 autocast of the model level (train.amp); feature passes (evaluation, herding, imprinting, class
+        means) only with train.amp_eval as well: bf16 logits flip close top-1 calls and herding picks."""
+        if self.device.type == "cuda" and self.cfg.train.amp and (not evaluation or self.cfg.train.amp_eval):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
@@ -204,7 +210,7 @@ class Trainer:
         labels = torch.zeros(n, dtype=torch.long)
         got = torch.zeros(n, dtype=torch.bool, device=self.device)
         for x, _, pos in self._eval_loader(split, idx, labels, flip):
-            with self._autocast():
+            with self._autocast(evaluation=True):
                 if with_logits:
                     out = model(self._fmt(x), return_all=True)
                     f, lg = out.features, out.logits
@@ -227,7 +233,7 @@ class Trainer:
         out = []
         for s in range(0, len(pixels), self.cfg.train.eval_batch_size):
             x = pixels[s:s + self.cfg.train.eval_batch_size].to(self.device).float()
-            with self._autocast():
+            with self._autocast(evaluation=True):
                 out.append(model.features(self._fmt(x.flip(3) if flip else x)).float())
         return torch.cat(out) if out else torch.zeros(0, model.feature_dim, device=self.device)
 
@@ -307,14 +313,13 @@ class Trainer:
         loader = self._train_loader(train_idx, train_lab, extra, phase_seed, cfg.train.batch_size)
         stats = self.train_model(model, teacher, loader, info, epochs, cfg.train.lr, cfg.train.milestones,
                                  partial=partial)
-        if cfg.method.class_balanced_finetune and phase > 0:
-            self.class_balanced_finetune(model, teacher, info, phase_seed)
-        self._close_phase(phase, model, info, new_idx, phase_seed, t0, stats, epochs)
+        self._close_phase(phase, model, info, new_idx, phase_seed, t0, stats, epochs, teacher=teacher)
         return teacher
 
     def _close_phase(self, phase: int, model, info: PhaseInfo, new_idx: torch.Tensor, phase_seed: int, t0: float,
-                     stats: dict, epochs: int) -> None:
-        """Everything after the model level: exemplar level, class means, evaluation, metrics, checkpoint."""
+                     stats: dict, epochs: int, teacher=None) -> None:
+        """Everything after the main training: exemplar selection, class-balanced fine-tuning (LUCIR option),
+        exemplar level, class means, evaluation, metrics, checkpoint."""
         cfg, ph = self.cfg, self.phases
         new = ph.new_classes(phase)
         # ---- exemplars: select for the new classes (fixed memory trims the old ones first)
@@ -322,6 +327,11 @@ class Trainer:
         if cfg.memory.kind == "fixed":
             self.memory.trim(m)
         self.select_exemplars(model, new, new_idx, m, phase_seed)
+        # ---- class-balanced fine-tuning: after selection (as LUCIR's released CBF code), so it sees m exemplars of
+        # every class, old ones already trimmed to this phase's quota. It trains the head only with BN frozen, so the
+        # features that selection used are unchanged; it still belongs to the model level, before mnemonics (b)/(c).
+        if cfg.method.class_balanced_finetune and phase > 0:
+            self.class_balanced_finetune(model, teacher, info, phase_seed)
         mnemonics = self.optimise_exemplars(model, info, new_idx, phase_seed) if cfg.mnemonics.enabled else None
 
         # ---- class means (NME) and evaluation on all seen classes
@@ -345,9 +355,12 @@ class Trainer:
 
     # ================================================================ model level
     def train_model(self, model, teacher, loader, info: PhaseInfo, epochs: int, lr: float, milestones, partial=None,
-                    head_only: bool = False) -> dict:
+                    head_only: bool = False, params: list | None = None) -> dict:
+        """Train `model` (all its trainable parameters, or `params`); head_only keeps the backbone in eval mode."""
         cfg = self.cfg.train
-        params = [p for n, p in model.named_parameters() if p.requires_grad and (not head_only or n.startswith("head."))]
+        if params is None:
+            params = [p for n, p in model.named_parameters()
+                      if p.requires_grad and (not head_only or n.startswith("head."))]
         opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=cfg.gamma)
         start_epoch = 0
@@ -415,23 +428,27 @@ class Trainer:
         return {"train_s": t_train, "img_per_s": n_img / t_train if t_train > 0 else 0.0, "loss": last}
 
     def class_balanced_finetune(self, model, teacher, info: PhaseInfo, seed: int) -> None:
-        """LUCIR's ImageNet option: train only the head on a class-balanced exemplar set (this phase's new classes
-        subsampled to the memory size), BN frozen, same loss."""
+        """LUCIR's ImageNet option: train only the head on the exemplar memory just selected (the same number of
+        exemplars for every seen class, new ones included), BN frozen, same loss."""
         cfg = self.cfg
-        m = exemplars_per_class(cfg.memory.kind, info.num_old + info.num_new, cfg.memory.per_class, cfg.memory.total)
-        g = torch.Generator().manual_seed(seed + 7)
         idx, lab = self.memory.index_exemplars()
-        new_idx, new_lab = [], []
-        for c in range(info.num_old, info.num_old + info.num_new):
-            cidx = torch.nonzero(self.y_train == c).flatten()
-            pick = cidx[random_selection(len(cidx), m, g)]
-            new_idx.append(pick)
-            new_lab.append(torch.full((len(pick),), c, dtype=torch.long))
-        loader = self._train_loader(torch.cat([idx] + new_idx), torch.cat([lab] + new_lab),
-                                    self.memory.pixel_exemplars(), seed + 7, cfg.train.batch_size)
-        self.log(f"class-balanced fine-tuning: {cfg.method.cbf_epochs} epochs on {loader.n} images")
-        self.train_model(model, teacher, loader, info, cfg.method.cbf_epochs, cfg.method.cbf_lr,
-                         cfg.method.cbf_milestones, head_only=True)
+        loader = self._train_loader(idx, lab, self.memory.pixel_exemplars(), seed + 7, cfg.train.batch_size)
+        self.log(f"class-balanced fine-tuning: {cfg.method.cbf_epochs} epochs on {loader.n} images "
+                 f"(old and new class rows; sigma and the backbone fixed)")
+        # As LUCIR's default (ft_flag 2): the old rows (frozen in the main training) and the new rows train, sigma
+        # is in no parameter group, so it stays. The flags are put back afterwards for the exemplar level.
+        head = model.head
+        rows = [head.fc1.weight, head.fc2.weight]
+        saved = [p.requires_grad for p in rows] + [head.sigma.requires_grad]
+        try:
+            for p in rows:
+                p.requires_grad_(True)
+            head.sigma.requires_grad_(False)
+            self.train_model(model, teacher, loader, info, cfg.method.cbf_epochs, cfg.method.cbf_lr,
+                             cfg.method.cbf_milestones, head_only=True, params=rows)
+        finally:
+            for p, flag in zip(rows + [head.sigma], saved):
+                p.requires_grad_(flag)
 
     # ================================================================ exemplar level
     def select_exemplars(self, model, new: range, new_idx: torch.Tensor, m: int, seed: int) -> None:
