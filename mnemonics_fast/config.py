@@ -226,11 +226,23 @@ def validate(cfg: Config) -> Config:
         if value not in allowed:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {sorted(allowed)}")
     positive = ["train.epochs", "train.batch_size", "train.eval_batch_size", "memory.per_class", "memory.total",
-                "protocol.base_classes", "data.image_size", "mnemonics.inner_steps", "mnemonics.query_batch_size"]
-    for key in positive:
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) <= 0:
-            raise ConfigError(f"config key '{key}': must be > 0")
+                "protocol.base_classes", "data.image_size", "mnemonics.inner_steps", "mnemonics.query_batch_size",
+                "train.lr", "train.gamma", "method.cbf_epochs", "method.cbf_lr", "method.kd_temperature", "method.top_k"]
+    # 0 is meaningful for these (e.g. mnemonics.lr=0 keeps the initial exemplars: a control run), a negative is not
+    non_negative = ["data.crop_padding", "data.num_workers", "train.momentum", "train.weight_decay",
+                    "method.lambda_base", "method.margin", "method.mr_weight", "method.kd_weight",
+                    "mnemonics.inner_lr", "mnemonics.lr", "mnemonics.old_lr", "mnemonics.momentum",
+                    "mnemonics.outer_steps", "mnemonics.old_outer_steps", "mnemonics.exemplar_chunk",
+                    "run.checkpoint_every"]
+    for keys, bad, says in ((positive, lambda v: v <= 0, "> 0"), (non_negative, lambda v: v < 0, ">= 0")):
+        for key in keys:
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            if bad(value):
+                raise ConfigError(f"config key '{key}': must be {says}, got {value!r}")
+    if cfg.train.phase0_epochs == 0 or cfg.train.phase0_epochs < -1:
+        raise ConfigError(f"config key 'train.phase0_epochs': must be > 0, or -1 for train.epochs; got "
+                          f"{cfg.train.phase0_epochs}")
     if cfg.protocol.num_phases < 0:
         raise ConfigError("config key 'protocol.num_phases': must be >= 0")
     if cfg.mnemonics.lr_scale != "none" and cfg.mnemonics.mode == "proto":

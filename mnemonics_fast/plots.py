@@ -42,11 +42,20 @@ def _save(plt, fig, out: Path, dpi: int) -> Path:
     return out
 
 
+def _metrics(run: Path) -> dict:
+    """A run folder's metrics.json (written when its first phase completes), or a clear error."""
+    f = run / "metrics.json"
+    if not f.is_file():
+        why = "is not a folder" if not run.is_dir() else "has no metrics.json: no phase of it has completed yet"
+        raise SystemExit(f"error: run {run} {why} (give the run folder, runs/<run.name>)")
+    return json.loads(f.read_text())
+
+
 def plot_curve(runs: list[Path], out: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in runs:
-        m = json.loads((run / "metrics.json").read_text())
+        m = _metrics(run)
         classes = [p["num_classes"] for p in m["phases"]]
         for kind, style in (("cnn", "-o"), ("nme", "--s")):
             avg = m["avg_incremental_acc"][kind]
@@ -57,13 +66,20 @@ def plot_curve(runs: list[Path], out: Path) -> Path:
 
 
 def _compare_runs(obj, found: dict | None = None) -> dict[str, dict]:
-    """Every run record (a dict with top1 = {cnn: [...], nme: [...]}) under a "runs" key of a benchmark JSON."""
+    """Every run record under a "runs" key of a benchmark JSON, as {name: {"top1": {cnn: [...], nme: [...]}}}: runs
+    written as top1 = {cnn, nme} (tin100_experiments.py, kernels_ab_train.py) or as top1_cnn / top1_nme lists (the
+    summaries of runs cut short, e.g. tin100_compare_scaled_h100.json)."""
     found = {} if found is None else found
     if isinstance(obj, dict):
         for k, v in obj.items():
             if k == "runs" and isinstance(v, dict):
-                found.update({n: r for n, r in v.items()
-                              if isinstance(r, dict) and isinstance(r.get("top1"), dict) and r["top1"].get("cnn")})
+                for n, r in v.items():
+                    if not isinstance(r, dict):
+                        continue
+                    if isinstance(r.get("top1"), dict) and r["top1"].get("cnn"):
+                        found[n] = r
+                    elif r.get("top1_cnn") and r.get("top1_nme"):
+                        found[n] = {**r, "top1": {"cnn": r["top1_cnn"], "nme": r["top1_nme"]}}
             else:
                 _compare_runs(v, found)
     return found
@@ -85,16 +101,22 @@ def plot_compare(files: list[Path], out: Path) -> Path:
         for name, r in sorted(runs.items()):
             groups.setdefault(re.sub(r"_s\d+$", "", name).removeprefix("lucir_"), []).append(r["top1"])
         for ax, kind in zip(row, ("cnn", "nme")):
+            # The legend's averages cover the phases every run of the file finished, so that a run cut short is
+            # compared over the same phases as the others (the curves still show all it did).
+            common = min(len(t[kind]) for tops in groups.values() for t in tops)
+            cut = any(len(t[kind]) > common for tops in groups.values() for t in tops)
             for method, tops in groups.items():
                 n = min(len(t[kind]) for t in tops)   # phases every seed of this method finished
                 acc = torch.tensor([t[kind][:n] for t in tops], dtype=torch.float64)
                 mean = acc.mean(0)
                 x = list(range(n))
                 ax.plot(x, mean.tolist(), "-o", ms=3,
-                        label=f"{method} (avg {float(mean.mean()):.2f}, {len(tops)} seed{'s' if len(tops) > 1 else ''})")
+                        label=f"{method} (avg {float(mean[:common].mean()):.2f}, {len(tops)} "
+                              f"seed{'s' if len(tops) > 1 else ''})")
                 if len(tops) > 1:
                     ax.fill_between(x, acc.min(0).values.tolist(), acc.max(0).values.tolist(), alpha=0.15)
-            ax.set_title(f"{f.name}: {kind.upper()}", fontsize=9)
+            ax.set_title(f"{f.name}: {kind.upper()}" + (f" (avg over phases 0-{common - 1}, which every run finished)"
+                                                         if cut else ""), fontsize=9)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("phase")
             _accuracy_axes(ax)
@@ -111,7 +133,7 @@ def plot_drift(runs: list[Path], out: Path) -> Path:
               ("classes_moved_past_nearest_neighbour", "classes whose mean moved past its nearest other class"))
     drawn: set[str] = set()
     for run in runs:
-        phases = json.loads((run / "metrics.json").read_text())["phases"]
+        phases = _metrics(run)["phases"]
         if not any("mnemonics" in p for p in phases):
             raise SystemExit(f"error: {run} has no exemplar-level reports in metrics.json (mnemonics.enabled was false, "
                              "or the run predates them)")

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="demo_digits",
                     help="YAML path, or the name of a bundled config (e.g. imagenet_10phase); default: demo_digits")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2 run.name=test")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)   # overrides may come before or after --config
 
     from .config import ConfigError, load_config
     from .data.sources import DatasetError

@@ -152,6 +152,11 @@ def test_bad_choice_names_the_key_and_choices(override, key):
     ("train.batch_size=-1", "train.batch_size"),
     ("memory.per_class=0", "memory.per_class"),
     ("protocol.num_phases=-2", "protocol.num_phases"),
+    ("train.lr=-1", "train.lr"),
+    ("data.crop_padding=-3", "data.crop_padding"),
+    ("mnemonics.lr=-0.5", "mnemonics.lr"),
+    ("train.phase0_epochs=0", "train.phase0_epochs"),
+    ("method.cbf_epochs=0", "method.cbf_epochs"),
 ])
 def test_out_of_range_names_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'".replace(".", r"\.")):
@@ -224,3 +229,23 @@ def test_resolved_config_saved_in_run_dir(lucir_run):
     assert to_dict(load_config(saved)) == to_dict(lucir_run.trainer.cfg)
     # Overrides given to the run are in it.
     assert raw["train"]["epochs"] == 2 and raw["data"]["dataset"] == "synthetic" and raw["memory"]["per_class"] == 20
+
+
+def test_zero_exemplar_lr_is_a_valid_control():
+    assert load_config(None, ["mnemonics.lr=0", "mnemonics.old_lr=0"]).mnemonics.lr == 0
+
+
+def test_cli_errors_are_one_line_and_overrides_may_come_first(capsys, tmp_path):
+    """Bad settings found after parsing (no CUDA device for run.device=cuda, a fixed memory smaller than the class
+    count) end with one 'error:' line and exit 2, and overrides are accepted on either side of --config."""
+    import torch
+
+    from mnemonics_fast.train import main
+    if not torch.cuda.is_available():
+        assert main(["run.device=cuda", f"run.output_dir={tmp_path}"]) == 2
+        assert "'run.device'" in capsys.readouterr().err
+    assert main(["memory.kind=fixed", "--config", "demo_digits", "memory.total=5", "run.progress=false",
+                 f"run.output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config key 'memory.total': 5 exemplars cannot hold one per class") and \
+        err.count("\n") == 1

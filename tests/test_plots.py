@@ -58,6 +58,9 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
     from mnemonics_fast.plots import main
     assert main(["curve", "--run", str(tmp_path)]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("name: x\n")     # a run that stopped before its first phase completed
+    with pytest.raises(SystemExit, match="has no metrics.json: no phase of it has completed yet"):
+        main(["curve", "--run", str(tmp_path)])
 
 
 def test_exemplar_drift_script_reads_a_runs_checkpoints(runs, tmp_path):
@@ -153,3 +156,18 @@ def test_compare_plot_from_committed_benchmark_results(tmp_path):
     with pytest.raises(SystemExit, match="empty.json holds no runs"):
         plots.main(["compare", "--json", str(empty)])
     assert plots.main(["compare", "--json", str(tmp_path / "nope.json")]) == 2
+
+
+def test_compare_plot_reads_summaries_of_runs_cut_short(tmp_path):
+    """tin100_compare_scaled_h100.json stores top1_cnn / top1_nme lists (its mnemonics runs stopped at phase 8): the
+    plot reads them, and its legend averages cover the phases every run finished."""
+    import json
+    from pathlib import Path
+
+    from mnemonics_fast import plots
+    src = Path(__file__).resolve().parents[1] / "bench" / "results" / "tin100_compare_scaled_h100.json"
+    runs = plots._compare_runs(json.loads(src.read_text()))
+    assert len(runs) == 6 and {len(r["top1"]["cnn"]) for r in runs.values()} == {9, 11}
+    out = tmp_path / "cmp.png"
+    assert plots.main(["compare", "--json", str(src), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -110,6 +110,47 @@ def test_resume_refuses_a_different_protocol(tmp_path):
     assert "resumed" not in fresh.stdout and len(fresh.summary["top1"]["cnn"]) == 3
 
 
+
+def test_resume_refuses_another_seed_and_keeps_the_run_config(tmp_path):
+    """A finished run asked again with another seed is refused (it used to print the old seed's results as if
+    resumed), and the refused call leaves config.yaml describing the checkpoints, not the refused settings."""
+    from mnemonics_fast.config import ConfigError
+    run_trainer(tiny_config(tmp_path, name="run", **{"run.stop_after_phase": 0, "train.epochs": 1}))
+    cfg_file = tmp_path / "run" / "config.yaml"
+    before = cfg_file.read_text()
+    with pytest.raises(ConfigError, match="seed 0, this run has seed 3"):
+        run_trainer(tiny_config(tmp_path, name="run", **{"train.epochs": 1, "seed": 3}))
+    with pytest.raises(ConfigError, match="model.arch"):
+        run_trainer(tiny_config(tmp_path, name="run", **{"train.epochs": 1, "model.arch": "resnet18"}))
+    assert cfg_file.read_text() == before
+
+
+def test_a_partial_checkpoint_refuses_other_settings(tmp_path, monkeypatch):
+    """Killed in phase 0 (only partial.pt exists): a rerun with another lr must not continue the old schedule."""
+    from mnemonics_fast.config import ConfigError
+    orig = Trainer._save_partial
+
+    def save_then_crash(self, phase, epoch, model, opt, sched):
+        orig(self, phase, epoch, model, opt, sched)
+        raise Crash("simulated kill")
+
+    monkeypatch.setattr(Trainer, "_save_partial", save_then_crash)
+    with pytest.raises(Crash):
+        run_trainer(tiny_config(tmp_path, name="run", **RESUME_CHANGES))
+    monkeypatch.setattr(Trainer, "_save_partial", orig)
+    ckdir = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in ckdir.iterdir()] == ["partial.pt"]
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"partial\.pt was written with a different 'train' section \(train\.lr\)"):
+        run_trainer(tiny_config(tmp_path, name="run", **{**RESUME_CHANGES, "train.lr": 0.5}))
+    assert (tmp_path / "run" / "config.yaml").read_text() == before
+    assert [p.name for p in ckdir.iterdir()] == ["partial.pt"]                # nothing lost
+    # run.resume=never starts afresh and says what it removed
+    fresh = run_trainer(tiny_config(tmp_path, name="run", **{**RESUME_CHANGES, "train.lr": 0.5,
+                                                             "run.resume": "never", "run.stop_after_phase": 0}))
+    assert "run.resume=never: removed 1 checkpoint(s)" in fresh.stdout and "resuming" not in fresh.stdout
+
+
 # ------------------------------------------------------------------ atomic writes
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"

@@ -35,7 +35,9 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK; a plain `python -m` run is a world of one."""
     use_cuda = torch.cuda.is_available() and device_pref != "cpu"
     if device_pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is available")
+        from ..config import ConfigError
+        raise ConfigError("config key 'run.device': cuda, but torch sees no CUDA device here (torch "
+                          f"{torch.__version__}, CUDA build {torch.version.cuda}); use run.device=auto or cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))

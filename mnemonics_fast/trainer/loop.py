@@ -69,7 +69,6 @@ class Trainer:
             torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
             self._log_file = open(self.run_dir / "log.txt", "a")
         self.runlog = RunLog(self.run_dir, self.dist.is_main, cfg.run.tensorboard)
         if self.runlog.tb_missing:
@@ -91,6 +90,10 @@ class Trainer:
             self.phases = Phases(ds.num_classes, cfg.protocol.base_classes, cfg.protocol.num_phases)
         except ValueError as e:   # the split depends on the dataset's class count: a config error, named
             raise ConfigError(f"{e} (dataset {ds.name} has {ds.num_classes} classes)") from None
+        seen = self.phases.classes_up_to(len(self.phases) - 1)
+        if cfg.memory.kind == "fixed" and cfg.memory.total < seen:
+            raise ConfigError(f"config key 'memory.total': {cfg.memory.total} exemplars cannot hold one per class once "
+                              f"all {seen} classes are seen (fixed memory keeps total // seen per class)")
         if ds.resident:
             self.x_train = to_device_nchw(ds.train.images, self.device)
             self.x_test = to_device_nchw(ds.test.images, self.device)
@@ -111,6 +114,9 @@ class Trainer:
                          f"model level trains (compiled once, reused by every phase)")
         self.log(f"data: {ds.name}, {ds.num_classes} classes, {len(ds.train)} train / {len(ds.test)} test images "
                  f"of {ds.image_size}x{ds.image_size}, loader {'resident' if ds.resident else self.file_loader_kind}")
+        if ds.resident and cfg.data.loader in ("torchvision", "dali"):
+            self.log(f"note: data.loader={cfg.data.loader} applies to file-backed datasets; {ds.name} is held in "
+                     f"memory and uses the resident loader")
         self.log(f"protocol: class order seed {cfg.protocol.class_order_seed} (first: {self.order[:10]}), "
                  f"{self.phases.base} base classes + {self.phases.num_phases} phases of {self.phases.per_phase}")
         mem = cfg.memory
@@ -247,9 +253,11 @@ class Trainer:
         self.setup()
         start = self._resume()
         if start == 0 and self.cfg.run.branch_from:
-            start = self._branch()
+            start = self._branch()       # writes config.yaml once its checks have passed
             if self.cfg.run.stop_after_phase == 0:
                 start = len(self.phases)
+        else:
+            self._save_run_config()
         for phase in range(start, len(self.phases)):
             self.run_phase(phase)
             if self.cfg.run.stop_after_phase == phase:
@@ -567,11 +575,18 @@ class Trainer:
             partial.unlink()
         D.barrier(self.dist)
 
+    def _save_run_config(self) -> None:
+        """config.yaml of the run folder: written after the resume/branch checks, so a refused run (other settings
+        than the checkpoints') leaves the folder describing the results it holds."""
+        if self.dist.is_main:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+
     def _save_partial(self, phase: int, epoch: int, model, opt, sched) -> None:
         if self.dist.is_main:
             atomic_torch_save({"phase": phase, "epoch": epoch, "structure": model.structure(),
                                "model": model.state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict()}, self.ckpt_dir / "partial.pt")
+                               "scheduler": sched.state_dict(), "config": to_dict(self.cfg),
+                               "class_order": self.order}, self.ckpt_dir / "partial.pt")
         D.barrier(self.dist)
 
     def _load_partial(self, phase: int):
@@ -579,16 +594,34 @@ class Trainer:
         if self.cfg.run.resume != "auto" or not p.is_file():
             return None
         state = torch.load(p, map_location=self.device, weights_only=False)
-        return state if state["phase"] == phase else None
+        if state["phase"] != phase:
+            return None
+        self._check_partial(state, p)
+        return state
+
+    def _check_partial(self, state: dict, path: Path) -> None:
+        if "config" not in state:   # written before partial checkpoints recorded their config
+            raise ConfigError(f"run.resume=auto: {path} does not record the settings it was trained with, so resuming "
+                              f"from it cannot be checked; delete it (the phase restarts) or set run.resume=never")
+        self._check_same(state, path, self._RESUME_SECTIONS, "run.resume=auto",
+                         "use another run.name or run.resume=never")
 
     def _resume(self) -> int:
         """Continue after the last complete phase checkpoint (run.resume=auto). Returns the phase to start at."""
         if self.cfg.run.resume != "auto" or not self.ckpt_dir.is_dir():
             if self.cfg.run.resume == "never" and self.dist.is_main and self.ckpt_dir.is_dir():
-                for f in self.ckpt_dir.glob("*.pt"):
+                old = sorted(self.ckpt_dir.glob("*.pt"))
+                stale = [f for f in (self.run_dir / "metrics.json", self.run_dir / "metrics.csv") if f.is_file()]
+                for f in old + stale:
                     f.unlink()
+                if old or stale:
+                    self.log(f"run.resume=never: removed {len(old)} checkpoint(s) and {len(stale)} metrics file(s) "
+                             f"of an earlier run in {self.run_dir}")
             D.barrier(self.dist)
             return 0
+        partial = self.ckpt_dir / "partial.pt"
+        if partial.is_file():   # checked now, before anything is written, whichever phase it belongs to
+            self._check_partial(torch.load(partial, map_location="cpu", weights_only=False), partial)
         done = sorted(self.ckpt_dir.glob("phase_*.pt"))
         if not done:
             return 0
@@ -602,8 +635,8 @@ class Trainer:
                               f"to resume from the phase before, or set run.resume=never") from None
         # Every section that shapes the results must match: resuming a herding run under a mnemonics config (or
         # with other epochs) would silently mix two experiments. Speed/logging-only fields may differ.
-        self._check_same(state, last, ("protocol", "data", "model", "memory", "method", "train", "mnemonics"),
-                         "run.resume=auto", "use another run.name or run.resume=never")
+        self._check_same(state, last, self._RESUME_SECTIONS, "run.resume=auto",
+                         "use another run.name or run.resume=never")
         self.model = build_model(self.cfg.model.arch, self.ds.mean, self.ds.std, structure=state["structure"])
         self.model.load_state_dict(state["model"])
         self.model.to(self.device)
@@ -613,6 +646,8 @@ class Trainer:
         self.log(f"resumed from {last} (phase {state['phase']} complete)")
         return state["phase"] + 1
 
+    # Every section that shapes the results (and the seed, checked with them).
+    _RESUME_SECTIONS = ("protocol", "data", "model", "memory", "method", "train", "mnemonics")
     # Fields that change speed or logging only: they may differ across resume and branch.
     _RESULT_NEUTRAL = {"data": {"num_workers", "cache_dir"},
                        "mnemonics": {"cuda_graph", "exemplar_chunk", "lean_conv_grad", "shard_inner", "compile",
@@ -633,6 +668,9 @@ class Trainer:
                                   f"({', '.join(f'{key}.{k}' for k in diff)}); {hint}")
         if state["class_order"] != self.order:
             raise ConfigError(f"{what}: checkpoint {path}: class order differs from this config's")
+        if state["config"].get("seed", Config().seed) != self.cfg.seed:
+            raise ConfigError(f"{what}: checkpoint {path} was written with seed {state['config'].get('seed')}, this "
+                              f"run has seed {self.cfg.seed}; {hint}")
 
     def _branch(self) -> int:
         """run.branch_from: take another run's phase-0 model level as is and redo phase 0's exemplar level, class
@@ -648,9 +686,7 @@ class Trainer:
                               f"branched from (later phases depend on the exemplars a branch changes)")
         self._check_same(state, path, ("protocol", "data", "model", "method", "train"), "run.branch_from",
                          "the base model must be the one this config would train")
-        if state["config"]["seed"] != self.cfg.seed:
-            raise ConfigError(f"run.branch_from: {path} was trained with seed {state['config']['seed']}, this run "
-                              f"has seed {self.cfg.seed}")
+        self._save_run_config()
         model = build_model(self.cfg.model.arch, self.ds.mean, self.ds.std, structure=state["structure"])
         model.load_state_dict(state["model"])
         self.model = model.to(self.device)
