@@ -96,6 +96,11 @@ def test_crash_mid_phase_then_resume(tmp_path, monkeypatch, reference, crash_pha
     # The scheduler state came back too: the resumed phase saw the same lr schedule (the identical final model is the
     # strong check; this one says why).
     assert partial["scheduler"]["last_epoch"] == crash_epoch + 1
+    # The phase's time and throughput count the epochs before the kill too (they used to restart at the resume).
+    prog = partial["progress"]
+    assert prog["n_img"] > 0 and 0 < prog["train_s"] <= prog["wall_s"]
+    phase_metrics = resumed.summary["phases"][crash_phase]
+    assert phase_metrics["train_s"] >= prog["train_s"] and phase_metrics["wall_s"] >= prog["wall_s"]
 
 
 def test_resume_refuses_a_different_protocol(tmp_path):

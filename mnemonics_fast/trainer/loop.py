@@ -314,6 +314,8 @@ class Trainer:
                 imprint_weights(model.head, [feats[labs == c] for c in new])
         if partial is not None:
             model.load_state_dict(partial["model"])
+            t0 -= partial.get("progress", {}).get("wall_s", 0.0)   # the phase's time before the kill still counts
+        self._phase_t0 = t0
         self.model = model
 
         # ---- model level: train
@@ -385,6 +387,8 @@ class Trainer:
         if bar is not None:
             bar.update(start_epoch * len(loader))
         n_img, t_train, last = 0, 0.0, float("nan")
+        if partial is not None:   # throughput and time of the whole phase, not only of the epochs after a resume
+            n_img, t_train = partial.get("progress", {}).get("n_img", 0), partial.get("progress", {}).get("train_s", 0.0)
         with compiled_backbones([model, teacher], self.compile_mode):
             for epoch in range(start_epoch, epochs):
                 loader.set_epoch(epoch)
@@ -422,6 +426,8 @@ class Trainer:
                 self.runlog.scalar(f"loss/phase{info.phase}", last, epoch)
                 every = self.cfg.run.checkpoint_every
                 if not head_only and every > 0 and (epoch + 1) % every == 0 and epoch + 1 < epochs:
+                    self._progress = {"n_img": n_img, "train_s": t_train,
+                                      "wall_s": time.perf_counter() - self._phase_t0}
                     self._save_partial(info.phase, epoch, model, opt, sched)
         if bar is not None:
             bar.close()
@@ -586,7 +592,8 @@ class Trainer:
             atomic_torch_save({"phase": phase, "epoch": epoch, "structure": model.structure(),
                                "model": model.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "config": to_dict(self.cfg),
-                               "class_order": self.order}, self.ckpt_dir / "partial.pt")
+                               "class_order": self.order, "progress": getattr(self, "_progress", {})},
+                              self.ckpt_dir / "partial.pt")
         D.barrier(self.dist)
 
     def _load_partial(self, phase: int):
