@@ -28,7 +28,8 @@ class DataConfig:
                                    # ImageNet file pipeline on that tree instead of the in-memory small-image path)
     image_size: int = 32           # training/eval crop (32 for CIFAR-like, 224 for ImageNet)
     crop_padding: int = 4          # small images: zero-pad then random crop (CIFAR/LUCIR: 4 on 32x32)
-    resize: int = 256              # ImageNet eval resize before the centre crop
+    resize: int = 0                # file loaders' eval resize (shorter side) before the centre crop; 0: image_size *
+                                   # 256/224 (256 for 224, the papers'; 37 for 32), so the crop keeps the same share
     cache_dir: str = "~/.cache/mnemonics_fast"  # decoded uint8 caches of small-image ImageFolder trees
     num_workers: int = 4           # file loaders only
     synthetic_classes: int = 20    # synthetic dataset only
@@ -240,6 +241,9 @@ def validate(cfg: Config) -> Config:
             value = getattr(getattr(cfg, section), name)
             if bad(value):
                 raise ConfigError(f"config key '{key}': must be {says}, got {value!r}")
+    if cfg.data.resize != 0 and cfg.data.resize < cfg.data.image_size:
+        raise ConfigError(f"config key 'data.resize': {cfg.data.resize} is smaller than data.image_size="
+                          f"{cfg.data.image_size}, so the centre crop would not fit (0 picks image_size * 256/224)")
     if cfg.train.phase0_epochs == 0 or cfg.train.phase0_epochs < -1:
         raise ConfigError(f"config key 'train.phase0_epochs': must be > 0, or -1 for train.epochs; got "
                           f"{cfg.train.phase0_epochs}")

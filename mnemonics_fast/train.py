@@ -25,13 +25,22 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import run_from_config
         run_from_config(cfg)
     except (ConfigError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     finally:
         import torch.distributed as dist
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _one_line(msg: str) -> str:
+    """A DataLoader worker re-raises as "Caught DatasetError in DataLoader worker process N. Original Traceback
+    ...": keep the error's own message, which is the traceback's last line after the exception's name."""
+    if msg.startswith("Caught ") and "Traceback" in msg:
+        last = msg.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return msg
 
 
 if __name__ == "__main__":

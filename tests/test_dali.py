@@ -208,3 +208,19 @@ def test_factory_falls_back_with_one_message(monkeypatch, capsys, tree):
         imagenet.resolve_loader_kind("dali", fallback=False)
     with pytest.raises(ValueError, match="data.loader"):
         imagenet.resolve_loader_kind("pil")
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_a_truncated_jpeg_ends_the_epoch_with_a_dataset_error(kind, tree, tmp_path):
+    """A file that passes the default 'magic' check but does not decode: the torchvision loader names it; DALI cannot
+    say which file it was, so its error says how to find it."""
+    from mnemonics_fast.data.sources import DatasetError
+    files, labels, _ = tree
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes(open(files[3], "rb").read()[:300])
+    files = files[:3] + [str(bad)] + files[4:8]
+    loader = eval_loader(kind, files, labels[:8], 4, 0, 1)
+    with pytest.raises(DatasetError) as e:
+        list(loader)
+    msg = str(e.value)
+    assert (str(bad) in msg) if kind == "torchvision" else ("MNEMONICS_FAST_IMAGENET_CHECK=decode" in msg)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .imagenet import PlannedTrainLoader, eval_plan, eval_steps, split_batch
+from .sources import DatasetError
 
 try:  # optional dependency: everything below checks `_DALI_ERROR` before touching DALI
     import nvidia.dali as _dali
@@ -129,7 +130,7 @@ class _DaliFileRunner:
             return
         pipe = self.pipe
         self._queue.extend(batches)
-        done = False
+        done = broken = False
         try:
             pipe.schedule_run()  # first call of an epoch: prefetch
             for _ in range(len(batches)):
@@ -143,14 +144,23 @@ class _DaliFileRunner:
                 pipe.schedule_run()  # keeps `prefetch` steps in flight; past the end the source stops DALI's epoch
                 yield x
             done = True
+        except RuntimeError as e:
+            broken = True   # after a pipeline error DALI refuses every further call: nothing to drain
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "decode" in str(e).lower():
+                raise DatasetError(f"DALI could not decode an image of this epoch ({first}). DALI does not say which "
+                                   f"file; MNEMONICS_FAST_IMAGENET_CHECK=decode lists every undecodable file before "
+                                   f"training, and data.loader=torchvision names the file when it meets it") from None
+            raise
         finally:
-            if not done:  # left early (break / exception): drop what is queued, drain what is in flight
+            if not done and not broken:  # left early (break / exception): drop the queue, drain
                 self._queue.clear()
                 pipe.schedule_run()
                 while not pipe.empty():
                     pipe.share_outputs()
                     pipe.release_outputs()
-            pipe.reset()
+            if not broken:
+                pipe.reset()
 
     def close(self):
         self.pipe = None  # frees DALI's buffers (nvJPEG preallocations) once the last reference goes

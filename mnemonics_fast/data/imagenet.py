@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .images import IMAGE_EXTENSIONS, is_hidden, is_image_name, open_rgb
 from .sources import IMAGENET_MEAN, IMAGENET_STD, Dataset, DatasetError, Split
 
 # ======================================================================================================================
@@ -102,8 +103,8 @@ def _derive_variant(variant: str, sorted_1000: Sequence[str]) -> list[str]:
 # 2. The tree
 # ======================================================================================================================
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG SOI, PNG signature (ILSVRC has a PNG named .JPEG: fine)
+# JPEG SOI, PNG signature (ILSVRC has a PNG named .JPEG: fine), BMP; WebP is RIFF....WEBP (checked below)
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")
 CHECKS = ("none", "size", "magic", "decode")
 
 
@@ -136,8 +137,9 @@ def resolve_imagenet_root(root: str | os.PathLike | None) -> Path:
 
 def _list_images(folder: Path) -> list[str]:
     with os.scandir(folder) as it:
-        names = [e.name for e in it if e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".")
-                 and e.is_file()]
+        # not is_dir() rather than is_file(): a link to a missing file stays in the list, so the file check (or
+        # the decode) names it instead of the image vanishing from its class
+        names = [e.name for e in it if is_image_name(e.name) and not e.is_dir()]
     names.sort()
     return [str(folder / n) for n in names]
 
@@ -148,15 +150,13 @@ def _check_file(path: str, check: str) -> str | None:
         if check == "size":
             return None if os.path.getsize(path) > 0 else "empty file"
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(12)
         if not head:
             return "empty file"
-        if not head.startswith(_MAGIC):
-            return f"not a JPEG/PNG (starts with {head[:4].hex()})"
+        if not (head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")):
+            return f"not a JPEG/PNG/BMP/WebP (starts with {head[:4].hex()})"
         if check == "decode":
-            from PIL import Image
-            with Image.open(path) as im:
-                im.convert("RGB").load()
+            open_rgb(path)
         return None
     except Exception as e:  # unreadable (permissions, I/O error) or undecodable
         return f"unreadable: {type(e).__name__}: {e}"
@@ -213,7 +213,7 @@ def load_imagenet_tree(root: str | os.PathLike | None, variant: str = "imagenet_
 
     if variant == "imagefolder":
         with os.scandir(train_dir) as it:
-            wnids = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+            wnids = sorted(e.name for e in it if e.is_dir() and not is_hidden(e.name))
         if not wnids:
             raise DatasetError(f"ImageNet tree {root}: no class folders under {train_dir}")
     else:
@@ -228,7 +228,7 @@ def load_imagenet_tree(root: str | os.PathLike | None, variant: str = "imagenet_
                 continue
             fs = _list_images(d)
             if not fs:
-                problems.append(f"{split}: empty class folder {w} ({d}) holds no .jpg/.jpeg/.png file")
+                problems.append(f"{split}: empty class folder {w} ({d}) holds no {'/'.join(IMAGE_EXTENSIONS)} file")
             files += fs
             labels += [label] * len(fs)
         return files, labels
@@ -237,13 +237,25 @@ def load_imagenet_tree(root: str | os.PathLike | None, variant: str = "imagenet_
     flat = None if any((val_dir / w).is_dir() for w in wnids[:50]) else _read_flat_val_labels(val_dir, root)
     if flat is None:
         val_files, val_labels = list_split(val_dir, "val")
+        if variant == "imagefolder":   # (a named variant may sit in a bigger tree: its other folders are not errors)
+            with os.scandir(val_dir) as it:
+                extra = sorted(set(e.name for e in it if e.is_dir() and not is_hidden(e.name)) - set(wnids))
+            if extra:
+                problems.append(f"val: {len(extra)} class folder(s) that train/ does not have, whose images would be "
+                                f"left out: {', '.join(extra[:20])}")
     else:  # flat ILSVRC val folder + label file
         index = {w: i for i, w in enumerate(wnids)}
         by_class: dict[int, list[str]] = {}
+        unlisted = []
         for f in _list_images(val_dir):
             w = flat.get(Path(f).stem)
-            if w in index:
+            if w is None:
+                unlisted.append(f)
+            elif w in index:
                 by_class.setdefault(index[w], []).append(f)
+        if unlisted:
+            problems.append(f"val: {len(unlisted)} image(s) in flat folder {val_dir} have no label in its label file "
+                            f"(e.g. {unlisted[0]})")
         val_files, val_labels = [], []
         for label, w in enumerate(wnids):
             fs = by_class.get(label, [])

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+from .images import DECODE_ERRORS, IMAGE_EXTENSIONS, is_hidden, is_image_name, open_rgb
 CIFAR100_MEAN = (0.5071, 0.4866, 0.4409)   # LUCIR's values (SPEC §1)
 CIFAR100_STD = (0.2009, 0.1984, 0.2023)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -138,25 +139,35 @@ def list_image_folder(split_dir: Path, class_names: list[str] | None = None) -> 
     if not split_dir.is_dir():
         raise DatasetError(f"image folder {split_dir} does not exist (expected <root>/train/<class>/* and "
                            f"<root>/val/<class>/*)")
-    classes = class_names or sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    present = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not is_hidden(p.name))
+    classes = class_names or present
     if not classes:
         raise DatasetError(f"image folder {split_dir} has no class sub-folders")
-    files, labels, empty = [], [], []
+    if class_names is not None:
+        extra = sorted(set(present) - set(class_names))
+        if extra:   # a class only the evaluation has would be dropped without a word
+            raise DatasetError(f"image folder {split_dir}: {len(extra)} class folder(s) that train/ does not have: "
+                               f"{', '.join(extra[:20])}")
+    files, labels, empty, broken = [], [], [], []
     for c, name in enumerate(classes):
         d = split_dir / name
-        found = sorted(str(p) for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if d.is_dir() else []
+        found = sorted(p for p in d.iterdir() if is_image_name(p.name)) if d.is_dir() else []
+        broken += [str(p) for p in found if not p.is_file()]   # e.g. a symbolic link to a missing file
         if not found:
             empty.append(name)
-        files += found
+        files += [str(p) for p in found]
         labels += [c] * len(found)
     if empty:
-        raise DatasetError(f"image folder {split_dir}: {len(empty)} class folder(s) missing or without images: "
-                           f"{', '.join(empty[:20])}")
+        raise DatasetError(f"image folder {split_dir}: {len(empty)} class folder(s) missing or without images "
+                           f"({'/'.join(IMAGE_EXTENSIONS)}): {', '.join(empty[:20])}")
+    if broken:
+        raise DatasetError(f"image folder {split_dir}: {len(broken)} image entr{'y is' if len(broken) == 1 else 'ies are'}"
+                           f" not readable files (broken links?): {', '.join(broken[:10])}")
     return files, labels, classes
 
 
 def _decode_files(files: list[str], size: int, progress: bool) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
     it = files
@@ -165,18 +176,17 @@ def _decode_files(files: list[str], size: int, progress: bool) -> np.ndarray:
         it = tqdm(files, desc="decoding images (once; cached)", unit="img", mininterval=1.0)
     for i, f in enumerate(it):
         try:
-            with Image.open(f) as im:
-                im = im.convert("RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.BILINEAR)
-                out[i] = np.asarray(im)
-        except (OSError, UnidentifiedImageError, SyntaxError) as e:
+            im = open_rgb(f)
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            out[i] = np.asarray(im)
+        except DECODE_ERRORS as e:
             raise DatasetError(f"cannot decode image file {f}: {e}") from None
     return out
 
 
 def _cache_key(files: list[str], size: int) -> str:
-    h = hashlib.sha256(f"v1:{size}".encode())
+    h = hashlib.sha256(f"v2:{size}".encode())   # v2: EXIF orientation and 16-bit greyscale (data/images.py)
     for f in files:
         st = os.stat(f)
         h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -194,14 +204,29 @@ def load_image_folder(root: str, image_size: int, cache_dir: str, progress: bool
     cache = Path(cache_dir).expanduser()
     key = _cache_key(train_files + val_files, image_size)
     cache_file = cache / f"imagefolder_{root_p.name}_{key}.pt"
+    blob = None
     if cache_file.is_file():
-        blob = torch.load(cache_file, weights_only=True)
+        try:
+            blob = torch.load(cache_file, weights_only=True)
+            if tuple(blob["train"].shape) != (len(train_files), image_size, image_size, 3) or \
+                    tuple(blob["val"].shape) != (len(val_files), image_size, image_size, 3):
+                raise ValueError("its shapes do not match the tree")
+        except Exception as e:  # noqa: BLE001 - any unreadable cache is decoded again, never trusted
+            warnings.warn(f"data cache {cache_file} is unreadable ({type(e).__name__}: {e}); decoding the tree again",
+                          stacklevel=2)
+            blob = None
+    if blob is not None:
         tr_x, te_x = blob["train"], blob["val"]
     else:
         tr_x = torch.from_numpy(_decode_files(train_files, image_size, progress))
         te_x = torch.from_numpy(_decode_files(val_files, image_size, progress))
         from ..utils.io import atomic_torch_save
-        atomic_torch_save({"train": tr_x, "val": te_x}, cache_file)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save({"train": tr_x, "val": te_x}, cache_file)
+        except OSError as e:   # the decoded tree is still good: run without the cache rather than lose it
+            warnings.warn(f"data.cache_dir={str(cache)!r} cannot be written ({type(e).__name__}: {e}); going on "
+                          f"without a cache (the tree is decoded again next run)", stacklevel=2)
     mean, std = _stats(tr_x.numpy())
     train = Split(torch.tensor(train_y, dtype=torch.int64), tr_x, train_files)
     test = Split(torch.tensor(val_y, dtype=torch.int64), te_x, val_files)

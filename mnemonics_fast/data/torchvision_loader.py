@@ -17,13 +17,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .imagenet import PlannedTrainLoader, eval_plan, eval_steps, split_batch
+from .images import DECODE_ERRORS, open_rgb
+from .sources import DatasetError
 
 
 def _open_rgb(path: str):
-    from PIL import Image
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        return img.convert("RGB")  # forces the decode while the file is open; CMYK/grey/palette -> RGB
+    """8-bit RGB, decoded as every path decodes (data/images.py); a bad file raises a DatasetError naming it."""
+    try:
+        return open_rgb(path)
+    except DECODE_ERRORS as e:
+        raise DatasetError(f"cannot decode image file {path}: {type(e).__name__}: {e} (find every such file before "
+                           f"training with MNEMONICS_FAST_IMAGENET_CHECK=decode)") from None
 
 
 def rrc_params(rng: np.random.Generator, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):

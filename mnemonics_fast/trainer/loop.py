@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .. import __version__
 from ..config import Config, ConfigError, save_config, to_dict
 from ..data import Phases, class_order, exemplars_per_class, load_dataset
+from ..data.images import eval_resize
 from ..data.resident import ResidentEvalLoader, ResidentTrainLoader, to_device_nchw
 from ..exemplars import ExemplarMemory, class_mean, herding, random_selection
 from ..methods import PhaseInfo, build_method
@@ -184,7 +185,7 @@ class Trainer:
         files = [src.files[i] for i in idx.tolist()]
         cls = self._file_loader_classes()[1]
         loader = cls(files, labels, bs, self.device, self.dist.rank, self.dist.world,
-                     image_size=self.cfg.data.image_size, resize=self.cfg.data.resize,
+                     image_size=self.cfg.data.image_size, resize=eval_resize(self.cfg.data),
                      num_workers=self.cfg.data.num_workers)
         if flip:
             return ((x.flip(3), y, p) for x, y, p in loader)
