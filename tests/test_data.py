@@ -112,6 +112,31 @@ def test_ddp_ranks_partition_each_global_batch(n, extra_n, bs):
         assert 0 <= dropped < bs
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_augment_each_sample_as_one_process_would(world):
+    """Crops and flips follow the sample, not the rank's slot: with K ranks every sample of a global batch gets the
+    augmented view a 1-process run gives it (no two ranks share a draw; the old per-rank stream gave rank r's i-th
+    sample and rank r''s i-th sample the same crop and flip)."""
+    g = torch.Generator().manual_seed(3)
+    n, extra_n, bs = 40, 9, 12
+    images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g)
+    idx, labels = torch.arange(n), torch.arange(n)
+    extra = (torch.rand(extra_n, 3, 8, 8, generator=g), torch.arange(n, n + extra_n))
+
+    def views(rank, w):
+        loader = ResidentTrainLoader(images, idx, labels, extra, bs, CPU, rank=rank, world=w, seed=7, pad=2)
+        loader.set_epoch(1)
+        return {int(y): x for xb, yb in loader for x, y in zip(xb, yb)}
+
+    single = views(0, 1)
+    seen = {}
+    for r in range(world):
+        seen.update(views(r, world))
+    assert set(seen) == set(single)
+    for k, x in seen.items():
+        assert torch.equal(x, single[k]), f"sample {k} augmented differently on its rank"
+
+
 def test_epochs_reshuffle_deterministically():
     images = _identifiable_images(50)
     idx = torch.arange(50)

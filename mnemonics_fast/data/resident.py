@@ -83,15 +83,26 @@ class ResidentTrainLoader:
         then only slices device tensors with Python ints: no step waits on the GPU."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         perm = torch.randperm(self.n, generator=g)
-        order, counts = [], []
+        order, counts, whole = [], [], []
         for s in range(self.steps):
-            pos = perm[s * self.batch_size:(s + 1) * self.batch_size][self.rank::self.world]
+            batch = perm[s * self.batch_size:(s + 1) * self.batch_size]
+            whole += [batch[batch < self.n_real], batch[batch >= self.n_real]]   # the 1-process order
+            pos = batch[self.rank::self.world]
             real = pos[pos < self.n_real]
             order += [real, pos[pos >= self.n_real]]
             counts.append((len(real), len(pos)))
         order = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
-        off = torch.randint(0, 2 * self.pad + 1, (2, len(order)), generator=g)
-        flip = torch.rand(len(order), generator=g) < 0.5
+        whole = torch.cat(whole) if whole else torch.zeros(0, dtype=torch.long)
+        # Crops and flips are drawn for the whole global epoch, in a 1-process run's order, and each sample takes the
+        # draw of its place there: every rank draws the same numbers, a sample gets the augmentation it would get in
+        # one process, and no two ranks share a draw. (Drawn per rank, rank r's i-th sample and rank r''s i-th
+        # sample got the same crop and flip: K ranks, K copies of every draw.)
+        off = torch.randint(0, 2 * self.pad + 1, (2, len(whole)), generator=g)
+        flip = torch.rand(len(whole), generator=g) < 0.5
+        if self.world > 1:
+            place = torch.empty(self.n, dtype=torch.long)
+            place[whole] = torch.arange(len(whole))
+            off, flip = off[:, place[order]], flip[place[order]]
         dev = lambda t: t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
             else t  # noqa: E731
         return dev(order), dev(off), dev(flip), counts
