@@ -6,6 +6,7 @@ With no --config it runs the embedded demo (scikit-learn's bundled digits; offli
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -25,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import run_from_config
         run_from_config(cfg)
     except (ConfigError, DatasetError) as e:
-        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:   # every rank meets the same error: say it once
+            print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     finally:
         import torch.distributed as dist

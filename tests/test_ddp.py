@@ -143,6 +143,24 @@ def test_torchrun_cli(tmp_path):
     assert metrics["world_size"] == 2 and len(metrics["top1"]["nme"]) == 3
 
 
+def test_torchrun_bad_data_is_one_error_line(tmp_path):
+    """A data error found by rank 0 (which loads first) ends every rank with it: one 'error:' line, from rank 0, and
+    no rank left in a collective to die with a gloo 'connection closed' traceback."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env, overrides
+
+    args = overrides(**{"run.output_dir": str(tmp_path / "runs"), "data.dataset": "imagefolder",
+                        "data.root": str(tmp_path / "no_tree")})
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "mnemonics_fast.train", *args], cwd=str(tmp_path), env=cli_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.count("error: data.root=") == 1, r.stderr[-3000:]
+    assert "Connection closed" not in r.stderr and "Traceback" not in r.stderr.split("error: data.root=")[0]
+
+
 def test_torchrun_mnemonics_shard_inner(tmp_path):
     """The trainer's mnemonics exemplar level with mnemonics.shard_inner under torchrun (2 gloo ranks): runs through
     (b) and (c) every phase; MNEMONICS_FAST_DEBUG=1 makes every optimisation assert the ranks' banks bit-identical

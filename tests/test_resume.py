@@ -368,3 +368,17 @@ def test_mnemonics_reports_feature_drift_in_the_log_and_metrics(tmp_path):
                     assert level["exemplar_feature_cosine_min"] > 1.0 - 1e-5
                     assert level["classes_moved_past_nearest_neighbour"] == 0
                     assert level["exemplar_accuracy_after"] == level["exemplar_accuracy_before"]
+
+
+def test_resuming_on_another_world_size_is_noted_and_recorded(tmp_path):
+    """Resuming a 2-rank run's checkpoint on 1 rank works (same global batch) but is said, and every phase records
+    the world size it ran on."""
+    run_trainer(tiny_config(tmp_path, name="run", **{"run.stop_after_phase": 0, "train.epochs": 1}))
+    ck = tmp_path / "run" / "checkpoints" / "phase_000.pt"
+    state = torch.load(ck, weights_only=False)
+    assert state["world_size"] == 1
+    state["world_size"] = 2                                     # as a torchrun --nproc_per_node=2 run writes it
+    atomic_torch_save(state, ck)
+    resumed = run_trainer(tiny_config(tmp_path, name="run", **{"train.epochs": 1}))
+    assert "phase_000.pt was written by a run on 2 rank(s); this one continues on 1" in resumed.stdout
+    assert [p["world_size"] for p in resumed.summary["phases"]][1:] == [1, 1]

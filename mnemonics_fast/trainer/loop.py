@@ -21,6 +21,7 @@ from .. import __version__
 from ..config import Config, ConfigError, save_config, to_dict
 from ..data import Phases, class_order, exemplars_per_class, load_dataset
 from ..data.images import eval_resize
+from ..data.sources import DatasetError
 from ..data.resident import ResidentEvalLoader, ResidentTrainLoader, to_device_nchw
 from ..exemplars import ExemplarMemory, class_mean, herding, random_selection
 from ..methods import PhaseInfo, build_method
@@ -75,10 +76,18 @@ class Trainer:
         if self.runlog.tb_missing:
             self.log("note: tensorboard is not installed; TensorBoard scalars are off (metrics.json/CSV still written)")
 
-        # ---- data: the main rank decodes (and caches) first so other ranks only read the cache
+        # ---- data: the main rank decodes (and caches) first so other ranks only read the cache. Its verdict is
+        # broadcast, so a bad tree ends every rank with the same one-line error (not rank 0's error and the other
+        # ranks' "connection closed by peer" tracebacks from the collective they were waiting in).
+        failed = None
         if self.dist.is_main:
-            ds = load_dataset(cfg.data, progress=cfg.run.progress)
-        D.barrier(self.dist)
+            try:
+                ds = load_dataset(cfg.data, progress=cfg.run.progress)
+            except DatasetError as e:
+                failed = str(e)
+        failed = D.broadcast_object(failed, self.dist)
+        if failed is not None:
+            raise DatasetError(failed)
         if not self.dist.is_main:
             ds = load_dataset(cfg.data, progress=False)
         self.ds = ds
@@ -355,6 +364,7 @@ class Trainer:
             "num_classes": ph.classes_up_to(phase), "wall_s": wall, "train_s": stats["train_s"],
             "train_img_per_s": stats["img_per_s"], "peak_mem_mb": peak, "memory_exemplars": len(self.memory),
             "memory_bytes": self.memory.nbytes(self.image_bytes), "epochs": epochs, "final_loss": stats["loss"],
+            "world_size": self.dist.world,
             **({"mnemonics": mnemonics} if mnemonics else {}),
         })
         self.log(f"phase {phase}: top 1 accuracy CNN: {results['cnn']['top1']:.2f}  NME: {results['nme']['top1']:.2f}"
@@ -575,6 +585,7 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if
                     torch.cuda.is_available() else None},
             "config": to_dict(self.cfg), "class_order": self.order, "version": __version__,
+            "world_size": self.dist.world,
         }
         atomic_torch_save(state, self._ckpt_path(phase))   # temp file + fsync + rename
         partial = self.ckpt_dir / "partial.pt"
@@ -593,7 +604,8 @@ class Trainer:
             atomic_torch_save({"phase": phase, "epoch": epoch, "structure": model.structure(),
                                "model": model.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "config": to_dict(self.cfg),
-                               "class_order": self.order, "progress": getattr(self, "_progress", {})},
+                               "class_order": self.order, "progress": getattr(self, "_progress", {}),
+                               "world_size": self.dist.world},
                               self.ckpt_dir / "partial.pt")
         D.barrier(self.dist)
 
@@ -605,7 +617,16 @@ class Trainer:
         if state["phase"] != phase:
             return None
         self._check_partial(state, p)
+        self._note_world(state, p)
         return state
+
+    def _note_world(self, state: dict, path: Path) -> None:
+        """A run may resume on another number of ranks (the global batch stays, so the protocol is the same), but the
+        results then mix two BatchNorm batch splits: say so; metrics.json records each phase's world size."""
+        theirs = state.get("world_size")
+        if theirs is not None and theirs != self.dist.world:
+            self.log(f"note: {path.name} was written by a run on {theirs} rank(s); this one continues on "
+                     f"{self.dist.world} (each phase's world_size is in metrics.json)")
 
     def _check_partial(self, state: dict, path: Path) -> None:
         if "config" not in state:   # written before partial checkpoints recorded their config
@@ -652,6 +673,7 @@ class Trainer:
         self.class_means = state["class_means"].to(self.device)
         self.metrics.load_state_dict(state["metrics"])
         self.log(f"resumed from {last} (phase {state['phase']} complete)")
+        self._note_world(state, last)
         return state["phase"] + 1
 
     # Every section that shapes the results (and the seed, checked with them).
