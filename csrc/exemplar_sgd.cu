@@ -6,9 +6,11 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <unordered_set>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -65,9 +67,13 @@ void exemplar_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
 
   std::vector<SgdTensor> tensors;
   tensors.reserve(params.size());
+  std::unordered_set<const void*> written;  // a tensor written twice in one launch would race
   int64_t total_chunks = 0;
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
+    TORCH_CHECK(!(at::GradMode::is_enabled() && p.requires_grad()), "exemplar_sgd_step_: params[",
+                std::to_string(i), "] requires grad and grad mode is on; the op writes it in place, so call it under "
+                "torch.no_grad() (mnemonics_fast.ops.exemplar_sgd_step_ does)");
     check_sgd_tensor("params", i, p, p, device);
     check_sgd_tensor("grads", i, grads[i], p, device);
     check_sgd_tensor("momentum_buffers", i, momentum_buffers[i], p, device);
@@ -79,6 +85,9 @@ void exemplar_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
     TORCH_CHECK(pp != bp && static_cast<const float*>(pp) != gp && static_cast<const float*>(bp) != gp,
                 "exemplar_sgd_step_: params[", std::to_string(i), "], grads[", std::to_string(i),
                 "] and momentum_buffers[", std::to_string(i), "] must be distinct tensors");
+    TORCH_CHECK(written.insert(pp).second && written.insert(bp).second, "exemplar_sgd_step_: params[",
+                std::to_string(i), "] or momentum_buffers[", std::to_string(i),
+                "] is also written at another position of the lists (each tensor may appear once)");
     tensors.push_back(SgdTensor{pp, gp, bp, n, total_chunks});
     total_chunks += sgd_num_chunks(n);
   }

@@ -47,14 +47,15 @@ struct SgdScalars {
 };
 
 // Rounding follows the reference's op sequence (mul_, add_, add_(alpha=wd), add_(alpha=-lr), clamp_).
+// momentum 0 does not read the buffer (0 * a non-finite buffer, e.g. from empty_like, would poison every step).
 __device__ __forceinline__ void sgd_update(float& param, float grad, float& buf, const SgdScalars& s) {
-  float b = __fadd_rn(__fmul_rn(s.momentum, buf), grad);
+  float b = s.momentum != 0.f ? __fadd_rn(__fmul_rn(s.momentum, buf), grad) : grad;
   if (s.use_weight_decay) b = fmaf(s.weight_decay, param, b);
   buf = b;
   float q = fmaf(-s.lr, b, param);
-  // torch.clamp semantics: NaN stays NaN; clamp_min > clamp_max gives clamp_max.
-  q = q < s.clamp_min ? s.clamp_min : q;
-  q = q > s.clamp_max ? s.clamp_max : q;
+  // torch.clamp semantics: NaN stays NaN, a NaN bound gives NaN; clamp_min > clamp_max gives clamp_max.
+  q = (q < s.clamp_min || s.clamp_min != s.clamp_min) ? s.clamp_min : q;
+  q = (q > s.clamp_max || s.clamp_max != s.clamp_max) ? s.clamp_max : q;
   param = q;
 }
 

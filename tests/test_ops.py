@@ -175,6 +175,57 @@ def test_exemplar_sgd_step_wrapper():
         ops.exemplar_sgd_step_(params, grads[:-1], bufs, 0.1, 0.9, 0.0, 0.0, 1.0)
 
 
+def test_cpu_cosine_ops_check_their_inputs_like_the_fake():
+    """The CPU kernels refuse what the fake (torch.compile) and CUDA kernels refuse, with the op's own message,
+    instead of broadcasting (a sigma of shape [1], a grad_out or out of the wrong shape) or failing inside ATen."""
+    fwd, bwd = torch.ops.mnemonics_fast.cosine_linear.default, torch.ops.mnemonics_fast.cosine_linear_backward.default
+    x, w, s = torch.randn(3, 7), torch.randn(5, 7), torch.tensor(2.0)
+    for args, msg in (((x, w, torch.tensor([2.0])), "0-dim"), ((x[0], w, s), "2-D"),
+                      ((x, torch.randn(5, 6), s), "weight must be"), ((x, w, torch.tensor(2)), "floating"),
+                      ((x, w.double(), s), "same dtype")):
+        with pytest.raises(RuntimeError, match=msg):
+            fwd(*args)
+    out = fwd(x, w, s)
+    with pytest.raises(RuntimeError, match=r"grad_out and out must be \[B, C\]"):
+        bwd(torch.randn(3, 5), out[:, :1], x, w, s)
+    dx, dw, ds = bwd(torch.randn(3, 5), out, x, w, s)
+    assert dx.shape == x.shape and dw.shape == w.shape and ds.shape == ()
+
+
+def test_raw_exemplar_sgd_op_checks_its_inputs_like_the_kernel():
+    """The CPU op (and the fake) refuse what the CUDA kernel refuses, instead of broadcasting a wrong-shaped grad,
+    skipping the tail of unequal lists, or writing a tensor that autograd tracks."""
+    op = torch.ops.mnemonics_fast.exemplar_sgd_step_.default
+    p, b = torch.randn(3, 4), torch.randn(3, 4)
+    cases = [(([p], [torch.randn(1)], [b]), "shapes differ"),
+             (([p, p.clone()], [torch.randn(3, 4)], [b, b.clone()]), "same length"),
+             (([p], [torch.randn(3, 4, dtype=torch.float64)], [b]), "one floating type"),
+             (([p], [p], [b]), "distinct"),
+             (([p, p], [torch.randn(3, 4), torch.randn(3, 4)], [b, b.clone()]), "appear once")]
+    for k, (args, msg) in enumerate(cases):
+        # (opcheck copies its arguments, so the identity cases are checked on the real op only)
+        calls = [op] + ([lambda *a: torch.library.opcheck(op, a, test_utils=("test_faketensor",))] if k < 3 else [])
+        for call in calls:
+            with pytest.raises(Exception, match=msg):
+                call(*args, 0.1, 0.9, 0.0, -1.0, 1.0)
+    leaf = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="torch.no_grad"):
+        op([leaf], [torch.randn(3, 4)], [b], 0.1, 0.9, 0.0, -1.0, 1.0)
+    with torch.no_grad():
+        op([leaf], [torch.randn(3, 4)], [b], 0.1, 0.9, 0.0, -1.0, 1.0)
+
+
+def test_exemplar_sgd_momentum_zero_never_reads_the_buffer_and_nan_bounds_propagate():
+    p, g = torch.rand(5), torch.randn(5)
+    buf = torch.full((5,), float("nan"))
+    ops.exemplar_sgd_step_([p], [g], [buf], 0.1, 0.0, 0.0, 0.0, 1.0)
+    assert torch.isfinite(p).all() and torch.equal(buf, g)
+    for lo, hi in ((float("nan"), 1.0), (0.0, float("nan"))):
+        q = torch.rand(5)
+        ops.exemplar_sgd_step_([q], [torch.randn(5)], [torch.zeros(5)], 0.1, 0.9, 0.0, lo, hi)
+        assert torch.isnan(q).all()                       # as torch.clamp with a NaN bound
+
+
 def test_exemplar_sgd_step_invalidates_graphs_that_saved_the_pixels():
     """The version bump (C++ ADInplaceOrView kernel with the extension, Python twin without) is what lets autograd
     refuse a backward through a graph that saved exemplar pixels the step has since overwritten."""
@@ -505,6 +556,21 @@ def test_emulated_kernels_low_precision(emu, dtype, fused):
     assert grads[2].dtype == torch.float32
     for name, got, pt, want in zip(("dx", "dw", "dsigma"), grads, grads_pt, grads_ref):
         assert _rel_err(got, want) <= 3 * _rel_err(pt, want) + 1e-6, (name, _rel_err(got, want), _rel_err(pt, want))
+
+
+def test_emulated_exemplar_sgd_edge_semantics(emu):
+    """The kernel source: momentum 0 never reads the buffer (a NaN one stays harmless), a NaN clamp bound gives NaN,
+    clamp_min > clamp_max gives clamp_max - all as the reference."""
+    for momentum, lo, hi, buf_fill in ((0.0, -1.0, 1.0, float("nan")), (0.9, float("nan"), 1.0, 0.5),
+                                       (0.9, -1.0, float("nan"), 0.5), (0.9, 0.7, 0.2, 0.5)):
+        params, grads = _sgd_lists([(4097,), (3, 5, 5)])
+        bufs = [torch.full_like(p, buf_fill) for p in params]
+        want_p, want_b = [p.clone() for p in params], [b.clone() for b in bufs]
+        reference_exemplar_sgd_step_(want_p, grads, want_b, 0.1, momentum, 5e-4, lo, hi)
+        emu.exemplar_sgd_step_(params, grads, bufs, 0.1, momentum, 5e-4, lo, hi, max_grid=3, misalign=False)
+        for a, b in zip(params + bufs, want_p + want_b):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, equal_nan=True)
+        assert torch.isfinite(params[0]).all() == (lo == lo and hi == hi)
 
 
 @pytest.mark.parametrize("case", ["bank", "mixed", "misaligned", "table", "no_weight_decay"])

@@ -27,8 +27,20 @@ _bwd = ext.op("cosine_linear_backward")
 
 
 # ---- implementations --------------------------------------------------------------------------------------------
-ext.impl_lib.impl("cosine_linear", reference_cosine_linear, "CPU")
-ext.impl_lib.impl("cosine_linear_backward", reference_cosine_linear_backward, "CPU")
+# The CPU kernels check their inputs as the fake and CUDA kernels do (_check_inputs below), so that a shape the
+# compiled or CUDA path refuses is not quietly broadcast by the reference's plain PyTorch ops on the CPU.
+def _cosine_linear_cpu(x, weight, sigma):
+    _check_inputs(x, weight, sigma)
+    return reference_cosine_linear(x, weight, sigma)
+
+
+def _cosine_linear_backward_cpu(grad_out, out, x, weight, sigma):
+    _check_backward_inputs(grad_out, out, x, weight, sigma)
+    return reference_cosine_linear_backward(grad_out, out, x, weight, sigma)
+
+
+ext.impl_lib.impl("cosine_linear", _cosine_linear_cpu, "CPU")
+ext.impl_lib.impl("cosine_linear_backward", _cosine_linear_backward_cpu, "CPU")
 
 if not ext.KERNELS:
     def _cosine_linear_cuda_fallback(x, weight, sigma):
@@ -49,6 +61,8 @@ def _check_inputs(x, weight, sigma):
     torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[1],
                  lambda: f"cosine_linear: weight must be [C, D] with D = {x.shape[1]}, got {tuple(weight.shape)}")
     torch._check(sigma.dim() == 0, lambda: f"cosine_linear: sigma must be 0-dim, got shape {tuple(sigma.shape)}")
+    torch._check(x.dtype.is_floating_point and sigma.dtype.is_floating_point,
+                 lambda: f"cosine_linear: x, weight and sigma must be floating point, got {x.dtype} and {sigma.dtype}")
     torch._check(x.dtype == weight.dtype,
                  lambda: f"cosine_linear: x and weight must have the same dtype, got {x.dtype} and {weight.dtype}")
     # The CUDA kernels take all three from one device (csrc/cosine_linear.cu checks the same before touching data).
@@ -63,9 +77,19 @@ def _cosine_linear_fake(x, weight, sigma):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
+def _check_backward_inputs(grad_out, out, x, weight, sigma):
+    """`out` must be cosine_linear(x, weight, sigma) itself (autograd saves it): the CUDA kernels read dsigma off it
+    (sum(grad_out * out) / sigma), the reference recomputes the cosines, so another `out` has no single meaning."""
+    _check_inputs(x, weight, sigma)
+    want = (x.shape[0], weight.shape[0])
+    torch._check(tuple(grad_out.shape) == want and tuple(out.shape) == want,
+                 lambda: f"cosine_linear_backward: grad_out and out must be [B, C] = {list(want)}, got "
+                         f"{tuple(grad_out.shape)} and {tuple(out.shape)}")
+
+
 @torch.library.register_fake("mnemonics_fast::cosine_linear_backward")
 def _cosine_linear_backward_fake(grad_out, out, x, weight, sigma):
-    _check_inputs(x, weight, sigma)
+    _check_backward_inputs(grad_out, out, x, weight, sigma)
     return x.new_empty(x.shape), weight.new_empty(weight.shape), sigma.new_empty(sigma.shape)
 
 

@@ -24,14 +24,50 @@ from .reference import reference_exemplar_sgd_step_
 
 _op = ext.op("exemplar_sgd_step_")
 
-ext.impl_lib.impl("exemplar_sgd_step_", reference_exemplar_sgd_step_, "CPU")
+
+def check_sgd_args(params, grads, momentum_buffers, *, running: bool) -> None:
+    """The op's input rules on every backend (the CUDA kernel checks the same in C++, and also needs float32 and
+    contiguous tensors): equal list lengths, equal shapes and one floating dtype per (param, grad, buffer), one device,
+    no tensor written twice. `running` (a real kernel, not the fake): params that require grad are refused while grad
+    mode is on, since the op writes them in place behind autograd's back."""
+    torch._check(len(params) == len(grads) == len(momentum_buffers), lambda: (
+        f"exemplar_sgd_step_: params, grads and momentum_buffers must have the same length, got {len(params)}, "
+        f"{len(grads)} and {len(momentum_buffers)}"))
+    written: set[int] = set()
+    for i, (p, g, b) in enumerate(zip(params, grads, momentum_buffers)):
+        torch._check(g.shape == p.shape and b.shape == p.shape, lambda: (
+            f"exemplar_sgd_step_: shapes differ at position {i}: params {tuple(p.shape)}, grads {tuple(g.shape)}, "
+            f"momentum_buffers {tuple(b.shape)}"))
+        torch._check(p.dtype.is_floating_point and g.dtype == p.dtype and b.dtype == p.dtype, lambda: (
+            f"exemplar_sgd_step_: dtypes at position {i} must be one floating type, got {p.dtype}, {g.dtype}, "
+            f"{b.dtype}"))
+        torch._check(g.device == p.device == b.device == params[0].device, lambda: (
+            f"exemplar_sgd_step_: position {i} is on {p.device}/{g.device}/{b.device}, params[0] on "
+            f"{params[0].device}"))
+        torch._check(p is not g and p is not b and g is not b, lambda: (
+            f"exemplar_sgd_step_: params[{i}], grads[{i}] and momentum_buffers[{i}] must be distinct tensors"))
+        torch._check(id(p) not in written and id(b) not in written, lambda: (
+            f"exemplar_sgd_step_: params[{i}] or momentum_buffers[{i}] is also written at another position of the "
+            f"lists (each tensor may appear once)"))
+        written.update((id(p), id(b)))
+        if running:
+            torch._check(not (torch.is_grad_enabled() and p.requires_grad), lambda: (
+                f"exemplar_sgd_step_: params[{i}] requires grad and grad mode is on; the op writes it in place, so "
+                f"call it under torch.no_grad() (mnemonics_fast.ops.exemplar_sgd_step_ does)"))
+
+
+def _exemplar_sgd_step_cpu(params, grads, momentum_buffers, lr, momentum, weight_decay, clamp_min, clamp_max):
+    check_sgd_args(params, grads, momentum_buffers, running=True)
+    reference_exemplar_sgd_step_(params, grads, momentum_buffers, lr, momentum, weight_decay, clamp_min, clamp_max)
+
+
+ext.impl_lib.impl("exemplar_sgd_step_", _exemplar_sgd_step_cpu, "CPU")
 
 if not ext.KERNELS:
     def _exemplar_sgd_step_cuda_fallback(params, grads, momentum_buffers, lr, momentum, weight_decay, clamp_min,
                                          clamp_max):
         ext.warn_no_kernels_once()
-        reference_exemplar_sgd_step_(params, grads, momentum_buffers, lr, momentum, weight_decay, clamp_min,
-                                     clamp_max)
+        _exemplar_sgd_step_cpu(params, grads, momentum_buffers, lr, momentum, weight_decay, clamp_min, clamp_max)
 
     ext.impl_lib.impl("exemplar_sgd_step_", _exemplar_sgd_step_cuda_fallback, "CUDA")
 
@@ -77,11 +113,7 @@ if not ext.KERNELS or ext._env_flag("MNEMONICS_FAST_PYTHON_AUTOGRAD"):
 
 @torch.library.register_fake("mnemonics_fast::exemplar_sgd_step_")
 def _exemplar_sgd_step_fake(params, grads, momentum_buffers, lr, momentum, weight_decay, clamp_min, clamp_max):
-    torch._check(len(params) == len(grads) == len(momentum_buffers),
-                 lambda: "exemplar_sgd_step_: params, grads and momentum_buffers must have the same length")
-    for i, (p, g, b) in enumerate(zip(params, grads, momentum_buffers)):
-        torch._check(g.shape == p.shape and b.shape == p.shape,
-                     lambda: f"exemplar_sgd_step_: shapes of params/grads/momentum_buffers[{i}] differ")
+    check_sgd_args(params, grads, momentum_buffers, running=False)
     return None
 
 

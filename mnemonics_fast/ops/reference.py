@@ -63,7 +63,10 @@ def reference_exemplar_sgd_step_(params: list[torch.Tensor], grads: list[torch.T
     """
     with torch.no_grad():
         for p, g, b in zip(params, grads, momentum_buffers):
-            b.mul_(momentum).add_(g)
+            if momentum != 0.0:
+                b.mul_(momentum).add_(g)
+            else:   # not 0 * b: a non-finite buffer (e.g. from empty_like) must not poison the step
+                b.copy_(g)
             if weight_decay != 0.0:
                 b.add_(p, alpha=weight_decay)
             p.add_(b, alpha=-lr).clamp_(clamp_min, clamp_max)
