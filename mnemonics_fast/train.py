@@ -47,4 +47,10 @@ def _one_line(msg: str) -> str:
 
 if __name__ == "__main__":
     from .trainer.distributed import exit_process
-    exit_process(main())   # sys.exit, or os._exit after a torch.distributed run (why: exit_process)
+    try:
+        code = main()
+    except BaseException:   # a crash still goes through exit_process (a gloo rank's normal teardown can abort)
+        import traceback
+        traceback.print_exc()
+        code = 130 if isinstance(sys.exc_info()[1], KeyboardInterrupt) else 1
+    exit_process(code)   # sys.exit, or os._exit after a torch.distributed run (why: exit_process)

@@ -382,3 +382,13 @@ def test_resuming_on_another_world_size_is_noted_and_recorded(tmp_path):
     resumed = run_trainer(tiny_config(tmp_path, name="run", **{"train.epochs": 1}))
     assert "phase_000.pt was written by a run on 2 rank(s); this one continues on 1" in resumed.stdout
     assert [p["world_size"] for p in resumed.summary["phases"]][1:] == [1, 1]
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """Results written atomically are readable like any file open() creates (umask applied), not mkstemp's 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    atomic_write_text(tmp_path / "m.json", "{}")
+    atomic_torch_save({"a": 1}, tmp_path / "c.pt")
+    for f in ("m.json", "c.pt"):
+        assert (tmp_path / f).stat().st_mode & 0o777 == 0o666 & ~mask

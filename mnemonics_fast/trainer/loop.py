@@ -141,6 +141,16 @@ class Trainer:
                     f"phase, worth it only for many outer steps; docs/mnemonics.md)")
         self.log(f"memory: {mem.kind} ({f'{mem.per_class} per class' if mem.kind == 'growing' else f'{mem.total} total'}), "
                  f"{sel}")
+        world = self.dist.world
+        for key, value in (("train.batch_size", cfg.train.batch_size),
+                           ("mnemonics.query_batch_size", cfg.mnemonics.query_batch_size if cfg.mnemonics.enabled else 0)):
+            if world > 1 and value % world:   # DDP (and the exemplar level's all-reduce) average per-rank means
+                how = (f"ranks hold {-(-value // world)} or {value // world} samples a step and their means are "
+                       f"averaged, so samples weigh unequally (by 1 part in {value // world})") if ds.resident else \
+                      (f"the file loaders give each rank {value // world} a step (a global batch of "
+                       f"{value // world * world})")
+                self.log(f"note: {key}={value} does not divide over {world} ranks: {how}; a multiple of {world} "
+                         f"avoids it")
         amp = self.device.type == "cuda" and cfg.train.amp
         self.log(f"evaluation: CNN and NME (exemplar class means, {cfg.method.nme_view} view); precision: training "
                  f"{'bf16 autocast' if amp else 'fp32'}, feature passes "
