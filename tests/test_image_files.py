@@ -141,3 +141,15 @@ def test_eval_resize_keeps_the_papers_crop_share_and_is_checked():
     assert eval_resize(DataConfig(image_size=32, resize=40)) == 40
     with pytest.raises(ConfigError, match="data.resize"):
         load_config(None, ["data.image_size=64", "data.resize=32"])
+
+
+def test_a_test_folder_stands_for_val_on_both_paths(tmp_path):
+    root = tmp_path / "tree"
+    _tree(root)
+    (root / "val").rename(root / "test")
+    res = load_image_folder(str(root), 8, str(tmp_path / "cache"), progress=False)
+    tree = load_imagenet_tree(str(root), "imagefolder")
+    assert res.test.files == tree.val_files and len(tree.val_files) == 4
+    (root / "test").rename(root / "elsewhere")
+    with pytest.raises(DatasetError, match="/val"):        # the error names the usual folder
+        load_image_folder(str(root), 8, str(tmp_path / "cache"), progress=False)

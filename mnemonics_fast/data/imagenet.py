@@ -204,6 +204,8 @@ def load_imagenet_tree(root: str | os.PathLike | None, variant: str = "imagenet_
         raise DatasetError(f"data check: unknown {check!r}; choose one of {list(CHECKS)}")
     root = resolve_imagenet_root(root)
     train_dir, val_dir = root / "train", root / "val"
+    if variant == "imagefolder" and not val_dir.is_dir() and (root / "test").is_dir():
+        val_dir = root / "test"   # as the in-memory ImageFolder path: train/ + val/ or train/ + test/
     problems: list[str] = []
     for d in (train_dir, val_dir):
         if not d.is_dir():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,11 +124,11 @@ def load_cifar100(root: str, download: bool = False) -> Dataset:
     try:
         tr = torchvision.datasets.CIFAR100(str(root_p), train=True, download=download)
         te = torchvision.datasets.CIFAR100(str(root_p), train=False, download=download)
-    except RuntimeError as e:
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
         raise DatasetError(
-            f"CIFAR-100 not found under data.root={str(root_p)!r} (expected {root_p / 'cifar-100-python'}/train, "
-            f"test, meta in torchvision's format). Set data.download=true to fetch it, or point data.root at it. "
-            f"({e})") from None
+            f"CIFAR-100 not found or unreadable under data.root={str(root_p)!r} (expected "
+            f"{root_p / 'cifar-100-python'}/train, test, meta in torchvision's format, matching its checksums). Set "
+            f"data.download=true to fetch it, or point data.root at it. ({type(e).__name__}: {e})") from None
     split = lambda ds: Split(torch.tensor(ds.targets, dtype=torch.int64), torch.from_numpy(ds.data))  # noqa: E731
     return Dataset("cifar100", list(tr.classes), split(tr), split(te), CIFAR100_MEAN, CIFAR100_STD, 32)
 
@@ -199,7 +200,7 @@ def load_image_folder(root: str, image_size: int, cache_dir: str, progress: bool
     if not root_p.is_dir():
         raise DatasetError(f"data.root={str(root_p)!r} does not exist")
     train_files, train_y, classes = list_image_folder(root_p / "train")
-    val_dir = root_p / "val" if (root_p / "val").is_dir() else root_p / "test"
+    val_dir = root_p / "val" if (root_p / "val").is_dir() or not (root_p / "test").is_dir() else root_p / "test"
     val_files, val_y, _ = list_image_folder(val_dir, classes)
     cache = Path(cache_dir).expanduser()
     key = _cache_key(train_files + val_files, image_size)
