@@ -47,6 +47,36 @@ def test_lucir_uses_the_adaptive_lambda():
         assert float(total) == pytest.approx(float(ce + 5.0 * math.sqrt(num_old / num_new) * lf), rel=1e-5)
 
 
+def _mr_direct(cos, y, num_old, k, m):
+    """LUCIR's margin ranking, written out: for each old-class sample, its ground-truth cosine against each of its k
+    highest new-class cosines, max(0, m - gt + neg), averaged over those pairs."""
+    terms = []
+    for i in range(len(y)):
+        if int(y[i]) < num_old:
+            gt = float(cos[i, y[i]])
+            for neg in sorted(cos[i, num_old:].tolist(), reverse=True)[:k]:
+                terms.append(max(0.0, m - gt + neg))
+    return sum(terms) / len(terms) if terms else 0.0
+
+
+def test_lucir_takes_every_weight_from_its_config():
+    """lambda_base, top_k, margin and mr_weight reach the loss (the other tests use their defaults, which a loss
+    that ignored the config would also pass): here 10, 3, 0.7 and 2, against the loss written out."""
+    g = _gen(11)
+    num_old, num_new = 4, 5
+    f, f_old = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    cos = torch.rand(8, num_old + num_new, generator=g) * 2 - 1
+    y = torch.tensor([0, 1, 2, 3, 4, 6, 8, 1])
+    cfg = MethodConfig(lambda_base=10.0, top_k=3, margin=0.7, mr_weight=2.0)
+    out, teacher = NetOutput(f, 4 * cos, cos), NetOutput(f_old, 4 * cos, cos)
+    total, parts = LUCIR(cfg).loss(out, y, teacher, PhaseInfo(1, num_old, num_new))
+    ce = float(F.cross_entropy(4 * cos, y))
+    lf = float((1 - F.cosine_similarity(f, f_old, dim=1)).mean())
+    mr = _mr_direct(cos, y, num_old, 3, 0.7)
+    assert mr > 0 and float(parts["mr"]) == pytest.approx(mr, rel=1e-5)
+    assert float(total) == pytest.approx(ce + 10.0 * math.sqrt(num_old / num_new) * lf + 2.0 * mr, rel=1e-5)
+
+
 def test_less_forget_loss():
     g = _gen(1)
     f, f_old = torch.randn(5, 16, generator=g), torch.randn(5, 16, generator=g)
@@ -178,6 +208,11 @@ def test_icarl_loss_uses_only_old_class_logits():
     t2[:, 4:] = 100.0
     total2, _ = m.loss(NetOutput(f, logits, logits), y, NetOutput(f, t2, t2), info)
     assert float(total2) == pytest.approx(float(total), rel=1e-6)
+    # The temperature and weight come from the config (not the defaults 2 and 1).
+    m4 = build_method(MethodConfig(name="icarl", kd_temperature=4.0, kd_weight=0.5))
+    total4, _ = m4.loss(NetOutput(f, logits, logits), y, NetOutput(f, t_logits, t_logits), info)
+    want4 = float(F.cross_entropy(logits, y)) + 0.5 * _kd_direct(logits, t_logits, 4, 4.0)
+    assert float(total4) == pytest.approx(want4, rel=1e-5) and float(total4) != pytest.approx(expected, rel=1e-3)
     # Phase 0: CE only.
     t0, parts0 = m.loss(NetOutput(f, logits, logits), y, None, PhaseInfo(0, 0, 7))
     assert float(t0) == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-6) and set(parts0) == {"ce"}

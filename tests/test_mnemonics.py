@@ -429,6 +429,11 @@ def test_query_sources(kind):
         query = batches[0]
     out = optimise_exemplars(model, ex, ey, query, mode="head", inner_lr=0.1, inner_steps=1, outer_steps=3, lr=0.1)
     assert out.shape == ex.shape
+    # Every source yields the batches in the same order (b0, b1, b0), so they give the same pixels; the fixed tuple
+    # repeats b0 three times, which gives other pixels.
+    ref = optimise_exemplars(model, ex, ey, iter([batches[0], batches[1], batches[0]]), mode="head", inner_lr=0.1,
+                             inner_steps=1, outer_steps=3, lr=0.1)
+    assert torch.equal(out, ref) != (kind == "tuple")
     if kind == "iterator":
         with pytest.raises(RuntimeError, match="ran out"):
             optimise_exemplars(model, ex, ey, iter(batches), mode="head", inner_lr=0.1, inner_steps=1,

@@ -18,7 +18,9 @@ from mnemonics_fast.utils.io import atomic_torch_save, atomic_write_text
 pytestmark = pytest.mark.slow
 
 # 3 epochs per phase with a mid-phase checkpoint after every epoch; 3 phases.
-RESUME_CHANGES = {"train.epochs": 3, "train.milestones": [1, 2], "run.checkpoint_every": 1}
+# One milestone after the first epoch that a kill can hit: a resume that rebuilt the scheduler instead of restoring
+# it would train epoch 2 at the wrong lr (consecutive milestones [1, 2] hid that: a fresh scheduler agreed with them).
+RESUME_CHANGES = {"train.epochs": 3, "train.milestones": [2], "run.checkpoint_every": 1}
 
 
 class Crash(RuntimeError):
@@ -392,3 +394,31 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     atomic_torch_save({"a": 1}, tmp_path / "c.pt")
     for f in ("m.json", "c.pt"):
         assert (tmp_path / f).stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_uint8_storage_rounds_what_the_exemplar_level_returns(tmp_path, monkeypatch):
+    """The trainer keeps optimised pixels as uint8 by rounding (128/255 - 1e-6 is level 128), never truncating
+    (the released code's astype('uint8') gives 127: every pixel half a level darker on average)."""
+    from mnemonics_fast.trainer import mnemonics_stage
+
+    def fake(model, pixels, labels, *a, **kw):
+        return torch.full_like(pixels, 128 / 255 - 1e-6)
+    monkeypatch.setattr(mnemonics_stage, "optimise_exemplars", fake)
+    run = run_trainer(tiny_config(tmp_path, **{**MN, "run.stop_after_phase": 0, "mnemonics.storage": "uint8"}))
+    px = run.trainer.memory.pixels
+    assert px and all(v.dtype == torch.uint8 and bool((v == 128).all()) for v in px.values())
+
+
+def test_a_mnemonics_run_resumed_mid_way_ends_as_a_straight_one(tmp_path):
+    """Stopped after phase 1 and resumed: the optimised pixels come back from the checkpoint (not the real images they
+    started from), so phase 2 and the final memory equal an uninterrupted run's."""
+    cfg = {**MN, "mnemonics.lr": 3.0}
+    straight = run_trainer(tiny_config(tmp_path, name="straight", **cfg))
+    run_trainer(tiny_config(tmp_path, name="cut", **{**cfg, "run.stop_after_phase": 1}))
+    resumed = run_trainer(tiny_config(tmp_path, name="cut", **cfg))
+    assert "resumed from" in resumed.stdout and "phase 1 complete" in resumed.stdout
+    a, b = straight.trainer.memory.pixels, resumed.trainer.memory.pixels
+    assert a.keys() == b.keys() and len(a) > 0
+    for c in a:
+        assert torch.equal(a[c], b[c]), f"class {c}: pixels differ after the resume"
+    assert resumed.summary["top1"] == straight.summary["top1"]

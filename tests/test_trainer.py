@@ -48,15 +48,16 @@ def _record_lrs(monkeypatch):
     return lrs
 
 
-@pytest.mark.parametrize("epochs,milestones,expected", [
-    (6, [2, 4], [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]),
-    (4, [1], [0.1, 0.01, 0.01, 0.01]),
-    (3, [], [0.1, 0.1, 0.1]),
+@pytest.mark.parametrize("epochs,milestones,gamma,expected", [
+    (6, [2, 4], 0.1, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]),
+    (4, [1], 0.1, [0.1, 0.01, 0.01, 0.01]),
+    (3, [], 0.1, [0.1, 0.1, 0.1]),
+    (4, [1, 3], 0.2, [0.1, 0.02, 0.02, 0.004]),      # train.gamma reaches the scheduler
 ])
-def test_scheduler_steps_after_each_epoch(tmp_path, monkeypatch, epochs, milestones, expected):
+def test_scheduler_steps_after_each_epoch(tmp_path, monkeypatch, epochs, milestones, gamma, expected):
     """MultiStepLR at milestones [80, 120] means epochs 0..79 at lr, 80..119 at lr/10: the lr seen by every step of
     epoch e is lr * gamma^(#milestones <= e). Stepping the scheduler before the epoch would shift this by one."""
-    tr = Trainer(tiny_config(tmp_path))
+    tr = Trainer(tiny_config(tmp_path, **{"train.gamma": gamma}))
     tr.runlog = RunLog(tmp_path, False, False)
     torch.manual_seed(0)
     model = build_model("resnet32", (0.5,) * 3, (0.25,) * 3, num_classes=3)
