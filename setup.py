@@ -29,6 +29,12 @@ def _load_build_config():
 def _skip(reason: str) -> dict:
     print(f"mnemonics_fast: building without the CUDA extension ({reason}); "
           "the ops will run their plain-PyTorch references.", file=sys.stderr)
+    # An extension built in place by an earlier build would still load: this build is pure Python, so remove it.
+    if any(a in sys.argv for a in ("build_ext", "develop", "editable_wheel", "bdist_wheel", "install")):
+        import glob
+        for stale in glob.glob(os.path.join(HERE, "mnemonics_fast", "_C*.so")):
+            os.remove(stale)
+            print(f"mnemonics_fast: removed {stale} from an earlier build", file=sys.stderr)
     return {}
 
 

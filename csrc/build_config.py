@@ -167,8 +167,9 @@ def write_cmake(path: str) -> None:
                                        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
                                        "--expt-relaxed-constexpr"],
         "MF_DEFINES": defines,
-        "MF_INCLUDE_DIRS": [os.path.join(ROOT, "csrc"), gen_dir] + cpp_extension.include_paths("cuda")
-        + pip_cuda_include_dirs(torch.version.cuda) + [sysconfig.get_paths()["include"]],
+        # the order setup.py's compile lines have: ours, the pip CUDA headers, then torch's (CUDA_HOME/include last)
+        "MF_INCLUDE_DIRS": [os.path.join(ROOT, "csrc"), gen_dir] + pip_cuda_include_dirs(torch.version.cuda)
+        + cpp_extension.include_paths("cuda") + [sysconfig.get_paths()["include"]],
         "MF_TORCH_LIBRARY_DIR": [torch_lib],
         "MF_LIBRARIES": ["c10", "torch", "torch_cpu", "c10_cuda", "torch_cuda"],
         "MF_EXT_SUFFIX": [sysconfig.get_config_var("EXT_SUFFIX")],
