@@ -278,6 +278,10 @@ def test_branch_from_phase0_equals_a_straight_run(tmp_path):
         assert torch.equal(a["memory"]["pixels"][c], px), c
     # the branch's phase 0 exemplars differ from the herding base's real images (mnemonics did run on them)
     assert base.trainer.memory.pixels == {}
+    p0 = torch.load(branched.run_dir / "checkpoints" / "phase_000.pt", weights_only=False)["memory"]
+    x = branched.trainer.x_train.cpu().float() / 255
+    moved = [float((p0["pixels"][c] - x[p0["ranking"][c]]).abs().max()) for c in p0["pixels"]]
+    assert len(moved) == 2 and min(moved) > 0                   # optimised, not the real images they started from
     # the branched run resumes like any other
     again = run_trainer(tiny_config(tmp_path, name="branched", **MN, **{"run.branch_from": str(base.run_dir)}))
     assert "phase 2 complete" in again.stdout and again.summary["top1"] == straight.summary["top1"]
