@@ -17,7 +17,6 @@ times are the reference's; the difference is the layer's host cost per call).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from bench_cosine_linear import environment, safe_name  # noqa: E402
+from bench_cosine_linear import default_out_dir, environment, safe_name, write_json  # noqa: E402
 
 import mnemonics_fast.ops as ops  # noqa: E402
 from mnemonics_fast.ops import cosine, exemplar_sgd  # noqa: E402
@@ -141,12 +140,8 @@ def main():
     res = {"bench": "cosine_autograd", "device": a.device, "threads": 1, "env": environment(),
            "backend": "CUDA kernels" if a.device == "cuda" else "plain-PyTorch reference (CPU)", "rows": out,
            "exemplar_sgd_list_layer": sgd_out}
-    path = a.out or os.path.join(ROOT, "bench", "results",
-                                 f"cosine_autograd_{safe_name(environment()['card']).lower()}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(res, f, indent=2)
-        f.write("\n")
+    path = a.out or os.path.join(default_out_dir(), f"cosine_autograd_{safe_name(environment()['card']).lower()}.json")
+    write_json(path, res)
     print(f"wrote {path}")
     return 0
 

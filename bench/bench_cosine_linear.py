@@ -125,6 +125,29 @@ def graph_steps(step_for_set, n_sets: int):
     return lambda i: graphs[i % n_sets].replay()
 
 
+def _exit_status(results: list[dict], checks: list[dict]) -> int:
+    """1 when our op was wrong or failed to run: a table that quietly lost its 'ours' rows must not read as a pass."""
+    bad = [c["method"] for c in checks if not c["ok"]] + [
+        f"{r['method']}: {r['error']}" for r in results if r["method"].startswith("ours") and r.get("ms") is None
+        and not str(r.get("error", "")).startswith("skipped")]
+    for b in bad:
+        print(f"FAILED: {b}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def default_out_dir() -> str:
+    """Where results go without --out: $MNEMONICS_FAST_BENCH_OUT, else a folder in the temp dir. Never bench/results
+    (a run would overwrite or litter the committed results; copy a file there, named with its card, on purpose)."""
+    import tempfile
+    return os.environ.get("MNEMONICS_FAST_BENCH_OUT") or os.path.join(tempfile.gettempdir(), "mnemonics_fast_bench")
+
+
+def write_json(path, obj) -> None:
+    """Atomically (a killed benchmark never leaves half a file), with default=str for dtypes and devices."""
+    from mnemonics_fast.utils.io import atomic_write_text
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
+
+
 def output_path(out: str, name: str) -> str:
     if out.endswith(".json"):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -144,6 +167,7 @@ def print_table(headers, rows) -> None:
 
 # ---- the benchmark ---------------------------------------------------------------------------------------------------
 TARGET_MS = {(128, 64, 100): 0.030, (256, 512, 1000): 0.050}
+CHECKS: list[dict] = []   # the in-run correctness checks of our op against the reference (bench_size)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -191,12 +215,28 @@ def bench_size(B, D, C, dtype, quick: bool) -> list[dict]:
         print(f"  {B}x{D}x{C} {r['dtype']:<9} {method:<34} {shown}", flush=True)
 
     ref_set, ref_step = stepper(reference_cosine_linear)
+    want = [t.float() for t in ref_set(0)]
+    tol = 1e-3 if dtype == torch.float32 else 5e-2   # relative to each gradient's largest entry
+
+    def checked(method, our_set):
+        """Our gradients on set 0 against the reference's, in this run: a fast path that is wrong is reported as
+        WRONG (and the script exits 1), never timed as if it were right."""
+        got = [t.float() for t in our_set(0)]
+        err = max(float((g - w).abs().max() / w.abs().max().clamp_min(1e-12)) for g, w in zip(got, want))
+        CHECKS.append({"B": B, "D": D, "C": C, "dtype": str(dtype), "method": method, "max_rel_err": err,
+                       "tol": tol, "ok": err <= tol})
+        return err <= tol
+
     record("eager reference", lambda: ref_step)
     record("torch.compile(reference)", lambda: stepper(compiled)[1])
     record("CUDA graph of eager reference", lambda: graph_steps(ref_set, n_sets), graphed=True)
     for path in ("auto", "fused", "blas"):
         ops.set_cosine_linear_path(path)
         our_set, our_step = stepper(ops.cosine_linear)
+        if not checked(f"ours ({path})", our_set):
+            print(f"  {B}x{D}x{C} ours ({path}): WRONG gradients vs the reference (max rel err "
+                  f"{CHECKS[-1]['max_rel_err']:.2e} > {tol}); not timed", flush=True)
+            continue
         record(f"ours ({path})", lambda: our_step)
         record(f"ours ({path}), CUDA graph", lambda: graph_steps(our_set, n_sets), graphed=True)
     ops.set_cosine_linear_path("auto")
@@ -240,7 +280,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="128x64x100,256x512x1000,4096x512x1000", help="BxDxC,...")
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="directory or FILE.json")
+    parser.add_argument("--out", default=None, help="directory or FILE.json (default: see default_out_dir)")
     parser.add_argument("--quick", action="store_true", help="fewer samples")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -260,12 +300,11 @@ def main(argv=None) -> int:
     print(f"cosine_linear fwd+bwd, median ms per step | {env['card']} | torch {env['torch']} | "
           f"CUDA {env['torch_cuda']}")
     print_table(["BxDxC", "dtype", "method", "ms", "vs eager", "vs best baseline", "note"], rows)
-    path = output_path(args.out, "bench_cosine_linear")
-    with open(path, "w") as f:
-        json.dump({"benchmark": "cosine_linear fwd+bwd", "env": env, "results": results, "table": rows}, f,
-                  indent=1, default=str)
+    path = output_path(args.out or default_out_dir(), "bench_cosine_linear")
+    write_json(path, {"benchmark": "cosine_linear fwd+bwd", "env": env, "results": results, "table": rows,
+                      "correctness": CHECKS})
     print(f"\nwrote {path}")
-    return 0
+    return _exit_status(results, CHECKS)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ output come from bench_cosine_linear.py. Without a GPU: a CPU sanity check, exit
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -28,14 +27,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cosine_linear import (  # noqa: E402
-    ROOT,
     cuda_time,
+    default_out_dir,
     environment,
     n_rotations,
+    _exit_status,
     output_path,
     print_table,
+    write_json,
 )
 
+CHECKS: list[dict] = []
 LR, MOMENTUM, WD, LO, HI = 0.05, 0.9, 5e-4, -2.2, 2.7  # per-step hyperparameters; the range of normalised pixels
 PYTHON_LOOP_MAX = 10_000  # the per-tensor Python loop launches 5 kernels per exemplar: skipped above this
 
@@ -127,6 +129,16 @@ def bench_size(N, shape, quick: bool, copy_gbps: float) -> list[dict]:
 
     record("list", "SGD(foreach=True) + clamp", lambda: optimizer_step("foreach", "list"))
     record("list", "SGD(fused=True) + clamp", lambda: optimizer_step("fused", "list"))
+    # our op against the reference on a copy of set 0, in this run (a wrong kernel is never timed as if right)
+    p0, g0, b0 = (t.clone() for t in banks[0])
+    p1, b1 = p0.clone(), b0.clone()
+    reference_exemplar_sgd_step_([p0], [g0], [b0], LR, MOMENTUM, WD, LO, HI)
+    ops.exemplar_sgd_step_([p1], [g0], [b1], LR, MOMENTUM, WD, LO, HI)
+    err = max(float((p1 - p0).abs().max()), float((b1 - b0).abs().max()))
+    CHECKS.append({"N": N, "shape": list(shape), "method": "ours", "max_abs_err": err, "tol": 1e-5, "ok": err <= 1e-5})
+    if err > 1e-5:
+        print(f"  {label:<18} ours: WRONG vs the reference (max abs err {err:.2e}); not timed", flush=True)
+        return results
     record("list", "ours", lambda: (lambda i: ops.exemplar_sgd_step_(*lists[i % n_sets], LR, MOMENTUM, WD, LO, HI)))
     for bank in banks:
         bank[0].grad = None
@@ -189,7 +201,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000x3x32x32,10000x3x32x32,100000x3x32x32,1000x3x224x224",
                         help="NxC,HxW,... (N exemplars of shape CxHxW)")
-    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="directory or FILE.json")
+    parser.add_argument("--out", default=None, help="directory or FILE.json (default: a folder in the temp dir)")
     parser.add_argument("--quick", action="store_true", help="fewer samples")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -209,12 +221,11 @@ def main(argv=None) -> int:
     print(f"exemplar SGD + clamp step, median ms | {env['card']} | torch {env['torch']} | CUDA {env['torch_cuda']} | "
           f"copy {copy['gbps']:.0f} GB/s")
     print_table(["exemplars", "layout", "method", "ms", "GB/s", "% copy", "vs foreach", "note"], rows)
-    path = output_path(args.out, "bench_exemplar_sgd")
-    with open(path, "w") as f:
-        json.dump({"benchmark": "exemplar SGD + clamp step", "env": env, "copy": copy, "results": results,
-                   "table": rows}, f, indent=1, default=str)
+    path = output_path(args.out or default_out_dir(), "bench_exemplar_sgd")
+    write_json(path, {"benchmark": "exemplar SGD + clamp step", "env": env, "copy": copy, "results": results,
+                      "table": rows, "correctness": CHECKS})
     print(f"\nwrote {path}")
-    return 0
+    return _exit_status(results, CHECKS)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from mnemonics_fast import ops
+from mnemonics_fast.utils.io import atomic_write_text
 from mnemonics_fast.methods.mnemonics import ExemplarOptimiser
 from mnemonics_fast.models import build_model
 
@@ -215,7 +217,8 @@ def main() -> None:
                     help="TF32 for fp32 convolutions and matmuls in every variant: torch's default (convolutions "
                          "TF32, matmuls not), on, or off (full fp32: the paths then agree with the float64 oracle; "
                          "the trainer's mnemonics.tf32=false)")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/mnemonics_<card>_<time>.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default: mnemonics_<card>_<time>.json in a folder of the "
+                    "temp dir, or $MNEMONICS_FAST_BENCH_OUT)")
     args = ap.parse_args()
     if args.quick:
         args.device, args.sizes, args.steps, args.query, args.image = "cpu", "20", "1,2", 16, 16
@@ -238,7 +241,9 @@ def main() -> None:
     print(f"# mnemonics outer step | {card} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
           f"{header['setting']} | TF32 convolutions {header['tf32']['cudnn']}, matmuls {header['tf32']['matmul']} | "
           f"median of {args.repeats} after {args.warmup} warm-up")
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
+    import tempfile
+    out = Path(args.out) if args.out else Path(os.environ.get("MNEMONICS_FAST_BENCH_OUT") or Path(
+        tempfile.gettempdir()) / "mnemonics_fast_bench") / (
         f"mnemonics_{card.replace(' ', '_').replace('/', '_')}_{datetime.datetime.now():%Y%m%d_%H%M%S}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -278,7 +283,7 @@ def main() -> None:
                         note += f"  (first call {row['first_call_s']:.0f} s: compile)"
                     print(f"{mode:5} {m:5d} {steps:2d}  {v:12} {ms} {sp} {pk} {er}{note}", flush=True)
                     # rewritten after every row: a run cut off by a time limit keeps what it measured
-                    out.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+                    atomic_write_text(out, json.dumps({"header": header, "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 

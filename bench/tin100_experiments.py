@@ -251,8 +251,15 @@ def main():
     if sweep:
         base_name.setdefault(a.seed, "sweep_phase0")
     base_procs = {name: launch(name, ["run.stop_after_phase=0"], a, log_dir, seed=sd) for sd, name in base_name.items()}
-    wait_all(base_procs)
+    base_rcs = wait_all(base_procs)
     bases = {sd: Path(a.runs) / name / "checkpoints" / "phase_000.pt" for sd, name in base_name.items()}
+    # A seed whose phase-0 run failed still gets its runs (each then trains its own phase 0), but they are no longer
+    # paired: say so here and in the JSON rather than let the result claim a shared phase 0.
+    shared = {sd: bases[sd].is_file() for sd in bases}
+    for sd, ok in shared.items():
+        if not ok:
+            print(f"WARNING: seed {sd}: phase-0 run {base_name[sd]} ended with rc={base_rcs[base_name[sd]]} and no "
+                  f"{bases[sd]}; its runs train their own phase 0 (not paired)", file=sys.stderr, flush=True)
 
     def branch(sd):
         return [f"run.branch_from={bases[sd]}"] if bases[sd].is_file() else []
@@ -347,7 +354,7 @@ def main():
                                                               "inner_lr": float(unit_setting[1]),
                                                               "lr_scale": unit_setting[2]}}
                             if unit_setting else {}),
-                         "seeds": seeds, "shared_phase0_per_seed": True,
+                         "seeds": seeds, "shared_phase0_per_seed": {str(sd): shared[sd] for sd in seeds},
                          "note": "all runs shared one GPU concurrently; wall times include that contention"}
     rcs, stopped = wait_or_stop(procs)
     if stopped:
