@@ -138,7 +138,7 @@ class RunConfig:
     stop_after_phase: int = -1     # end cleanly after this phase (-1: run all)
     device: str = "auto"           # auto | cpu | cuda
     tensorboard: bool = True       # when tensorboard is installed
-    progress: bool = True          # tqdm bars
+    progress: bool = True          # tqdm bars (drawn only when stderr is a terminal)
     deterministic: bool = False
     checkpoint_every: int = 10     # epochs between mid-phase checkpoints (0: only at phase ends)
     # Start from another run's phase-0 checkpoint: its trained base model is taken as is and phase 0's exemplar level

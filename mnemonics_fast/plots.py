@@ -171,11 +171,22 @@ def plot_tsne(run: Path, out: Path, num_classes: int = 5, phases: list[int] | No
     from .models import build_model
 
     cfg = load_config(run / "config.yaml")
+    if not cfg.mnemonics.enabled:
+        raise SystemExit(f"error: {run} ran without mnemonics (mnemonics.enabled=false): the figure compares random, "
+                         f"herding and mnemonics exemplars, so it needs a run with mnemonics.enabled=true")
+    if cfg.mnemonics.init != "herding":
+        # the stored ranking is what the run picked; drawn as "herding" it would mislabel random picks
+        raise SystemExit(f"error: {run} picked its initial exemplars with mnemonics.init={cfg.mnemonics.init}, so its "
+                         f"stored ranking is not herding; the figure needs a run with mnemonics.init=herding")
     ckpts = sorted((run / "checkpoints").glob("phase_*.pt"))
     if not ckpts:
         raise SystemExit(f"error: no checkpoints in {run / 'checkpoints'}")
     if phases is None:
         phases = sorted({0, len(ckpts) - 1})
+    missing = [ph for ph in phases if not (run / "checkpoints" / f"phase_{ph:03d}.pt").is_file()]
+    if missing:
+        raise SystemExit(f"error: {run} has no checkpoint for phase(s) {missing} (it has {len(ckpts)}: "
+                         f"{', '.join(p.stem for p in ckpts)})")
     ds = load_dataset(cfg.data, progress=False)
     order = class_order(ds.num_classes, cfg.protocol.class_order_seed)
     remap = torch.empty(ds.num_classes, dtype=torch.long)
@@ -188,13 +199,18 @@ def plot_tsne(run: Path, out: Path, num_classes: int = 5, phases: list[int] | No
     fig, axes = plt.subplots(len(phases), 3, figsize=(12, 4 * len(phases)), squeeze=False)
     colours = plt.get_cmap("tab10")
     g = torch.Generator().manual_seed(seed)
+    classes = None   # the same classes in every row: the first phase's first `num_classes` (the paper's Figure 1)
     for row, ph in enumerate(phases):
         state = torch.load(run / "checkpoints" / f"phase_{ph:03d}.pt", map_location="cpu", weights_only=False)
         model = build_model(cfg.model.arch, ds.mean, ds.std, structure=state["structure"])
         model.load_state_dict(state["model"])
         model.eval()
         ranking, pixels = state["memory"]["ranking"], state["memory"]["pixels"]
-        classes = sorted(ranking)[:num_classes]
+        if classes is None:
+            classes = sorted(ranking)[:num_classes]
+            if len(classes) < num_classes:
+                print(f"note: phase {ph} holds {len(classes)} classes; drawing those {len(classes)} in every row",
+                      file=sys.stderr)
         if not all(c in pixels for c in classes):
             raise SystemExit(f"error: {run} phase {ph} has no mnemonics pixels for classes {classes}")
         with torch.no_grad():
@@ -223,6 +239,10 @@ def plot_tsne(run: Path, out: Path, num_classes: int = 5, phases: list[int] | No
             ax.set_title(f"phase {ph}: {kind} exemplars (stars) over real data (dots)", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours(j), label=f"class {c}")
+               for j, c in enumerate(classes)]
+    fig.legend(handles=handles, loc="lower center", ncol=len(classes), fontsize=8, frameon=False)
+    print(f"tsne: classes {classes} (positions in the class order) in phases {phases}", file=sys.stderr)
     return _save(plt, fig, out, 130)
 
 

@@ -43,15 +43,26 @@ def test_drift_draws_the_exemplar_levels_and_refuses_a_run_without_them(runs, tm
         main(["drift", "--run", str(plain)])
 
 
-def test_tsne_draws_figure_1(runs, tmp_path):
+def test_tsne_draws_figure_1(runs, tmp_path, capsys):
     pytest.importorskip("sklearn")
     from mnemonics_fast.plots import main
     mn, plain = runs
     out = tmp_path / "tsne.png"
     assert main(["tsne", "--run", str(mn), "--classes", "2", "--out", str(out)]) == 0
     assert _is_png(out)
-    with pytest.raises(SystemExit, match="no mnemonics pixels"):
+    # the same classes in both rows (phase 0's first two), not each phase's own first classes
+    assert "tsne: classes [0, 1] (positions in the class order) in phases [0, 2]" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="ran without mnemonics"):
         main(["tsne", "--run", str(plain), "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit, match=r"no checkpoint for phase\(s\) \[7\]"):
+        main(["tsne", "--run", str(mn), "--phases", "0", "7", "--out", str(tmp_path / "y.png")])
+    # a run whose exemplars started from random picks has no herding ranking to draw
+    import shutil
+    rnd = tmp_path / "rnd"
+    shutil.copytree(mn, rnd)
+    (rnd / "config.yaml").write_text((mn / "config.yaml").read_text().replace("init: herding", "init: random"))
+    with pytest.raises(SystemExit, match="mnemonics.init=random"):
+        main(["tsne", "--run", str(rnd), "--out", str(tmp_path / "z.png")])
 
 
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):

@@ -174,7 +174,7 @@ def _decode_files(files: list[str], size: int, progress: bool) -> np.ndarray:
     it = files
     if progress:
         from tqdm import tqdm
-        it = tqdm(files, desc="decoding images (once; cached)", unit="img", mininterval=1.0)
+        it = tqdm(files, desc="decoding images (once; cached)", unit="img", mininterval=1.0, disable=None)
     for i, f in enumerate(it):
         try:
             im = open_rgb(f)

@@ -852,7 +852,7 @@ def optimise_exemplars(model: nn.Module, exemplars: torch.Tensor, labels: torch.
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=outer_steps, desc=f"mnemonics[{mode}]", leave=False)
+            bar = tqdm(total=outer_steps, desc=f"mnemonics[{mode}]", leave=False, disable=None)  # off without a tty
         for k in range(int(outer_steps)):
             qx, qy = next_batch()
             loss = opt.step(qx, qy)

@@ -60,7 +60,8 @@ class Trainer:
     def _bar(self, total: int, desc: str):
         if self.cfg.run.progress and self.dist.is_main:
             from tqdm import tqdm
-            return tqdm(total=total, desc=desc, leave=False, mininterval=0.5, dynamic_ncols=True)
+            # disable=None: no bar when stderr is not a terminal (a redirected log would get a redraw every 0.5 s)
+            return tqdm(total=total, desc=desc, leave=False, mininterval=0.5, dynamic_ncols=True, disable=None)
         return None
 
     # ================================================================ set-up
