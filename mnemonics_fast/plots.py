@@ -52,15 +52,19 @@ def _metrics(run: Path) -> dict:
 
 
 def plot_curve(runs: list[Path], out: Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for run in runs:
+    colours = plt.get_cmap("tab10")
+    for i, run in enumerate(runs):   # one colour per run: CNN solid, NME dashed
         m = _metrics(run)
         classes = [p["num_classes"] for p in m["phases"]]
         for kind, style in (("cnn", "-o"), ("nme", "--s")):
             avg = m["avg_incremental_acc"][kind]
-            ax.plot(classes, m["top1"][kind], style, ms=3, label=f"{run.name} {kind.upper()} (avg {avg:.2f})")
+            ax.plot(classes, m["top1"][kind], style, ms=3, color=colours(i % 10),
+                    label=f"{run.name} {kind.upper()} (avg {avg:.2f})")
     ax.set_xlabel("number of classes seen")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _accuracy_axes(ax)
     return _save(plt, fig, out, 150)
 
