@@ -35,8 +35,8 @@ def _accuracy_axes(ax) -> None:
     ax.legend(fontsize=7)
 
 
-def _save(plt, fig, out: Path, dpi: int) -> Path:
-    fig.tight_layout()
+def _save(plt, fig, out: Path, dpi: int, rect=None) -> Path:
+    fig.tight_layout(rect=rect)   # rect: room kept free for a figure-level legend
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
@@ -247,7 +247,7 @@ def plot_tsne(run: Path, out: Path, num_classes: int = 5, phases: list[int] | No
                for j, c in enumerate(classes)]
     fig.legend(handles=handles, loc="lower center", ncol=len(classes), fontsize=8, frameon=False)
     print(f"tsne: classes {classes} (positions in the class order) in phases {phases}", file=sys.stderr)
-    return _save(plt, fig, out, 130)
+    return _save(plt, fig, out, 130, rect=(0, 0.045 / len(phases), 1, 1))
 
 
 def main(argv: list[str] | None = None) -> int:
