@@ -135,8 +135,12 @@ def main():
     images, labels, mean, std, source = _load(a.root, a.classes)
     modes = ["none"] + [m for m in a.compile.split(",") if m and m != "none"]
     rows = []
+    dtypes = a.dtypes.split(",")
+    if device.type != "cuda" and "bf16" in dtypes:   # bf16 autocast is CUDA-only here: a CPU "bf16" row would be fp32
+        print("note: bf16 rows skipped on the CPU (the trainer's autocast is CUDA-only)", flush=True)
+        dtypes = [d for d in dtypes if d != "bf16"] or ["fp32"]
     for path in a.paths.split(","):
-        for dtype in a.dtypes.split(","):
+        for dtype in dtypes:
             for mode in modes:
                 r, warm = run_one(path, dtype, images, labels, mean, std, device, a.batch, a.steps, a.warmup,
                                   a.workers, mode)
