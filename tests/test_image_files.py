@@ -153,3 +153,11 @@ def test_a_test_folder_stands_for_val_on_both_paths(tmp_path):
     (root / "test").rename(root / "elsewhere")
     with pytest.raises(DatasetError, match="/val"):        # the error names the usual folder
         load_image_folder(str(root), 8, str(tmp_path / "cache"), progress=False)
+
+
+def test_non_square_images_on_the_small_image_path_are_noted(tmp_path):
+    root = tmp_path / "tree"
+    _tree(root)
+    _png(root / "train" / "a" / "7.png", np.zeros((8, 12, 3), np.uint8))
+    with pytest.warns(UserWarning, match=r"1 of 5 images are not square.*7\.png"):
+        load_image_folder(str(root), 8, str(tmp_path / "cache"), progress=False)

@@ -175,14 +175,21 @@ def _decode_files(files: list[str], size: int, progress: bool) -> np.ndarray:
     if progress:
         from tqdm import tqdm
         it = tqdm(files, desc="decoding images (once; cached)", unit="img", mininterval=1.0, disable=None)
+    squashed, example = 0, None
     for i, f in enumerate(it):
         try:
             im = open_rgb(f)
+            if im.width != im.height:
+                squashed, example = squashed + 1, example or f
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             out[i] = np.asarray(im)
         except DECODE_ERRORS as e:
             raise DatasetError(f"cannot decode image file {f}: {e}") from None
+    if squashed:   # the small-image path resizes whole images to size x size (no crop), as CIFAR-like sets need
+        warnings.warn(f"{squashed} of {len(files)} images are not square and were resized to {size}x{size} without "
+                      f"keeping their aspect ratio (e.g. {example}); for photos use data.loader=torchvision or dali "
+                      f"(resize + crop)", stacklevel=2)
     return out
 
 
