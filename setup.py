@@ -29,8 +29,10 @@ def _load_build_config():
 def _skip(reason: str) -> dict:
     print(f"mnemonics_fast: building without the CUDA extension ({reason}); "
           "the ops will run their plain-PyTorch references.", file=sys.stderr)
-    # An extension built in place by an earlier build would still load: this build is pure Python, so remove it.
-    if any(a in sys.argv for a in ("build_ext", "develop", "editable_wheel", "bdist_wheel", "install")):
+    # An extension built in place by an earlier build would still load from an in-place (editable) install: this build
+    # is pure Python, so remove it. Only for in-place builds: a wheel never carries it, so a wheel build leaves it.
+    if "develop" in sys.argv or "editable_wheel" in sys.argv or ("build_ext" in sys.argv and (
+            "--inplace" in sys.argv or "-i" in sys.argv)):
         import glob
         for stale in glob.glob(os.path.join(HERE, "mnemonics_fast", "_C*.so")):
             os.remove(stale)

@@ -6,6 +6,8 @@ whether a GPU is visible. `--json` prints the same as one JSON object.
 """
 from __future__ import annotations
 
+import os
+
 import argparse
 import json
 import sys
@@ -45,6 +47,10 @@ def format_info(info: dict) -> str:
     row("mnemonics_fast._C", "loaded" if info["kernels_available"] else f"not used: {info['reason_unavailable']}")
     if info["extension_module"]:
         row("  file", info["extension_module"])
+        pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + "mnemonics_fast"
+        if os.path.dirname(os.path.abspath(info["extension_module"])) != pkg:
+            # e.g. an editable install of another checkout maps mnemonics_fast._C to its own tree
+            row("  note", f"not the imported package's folder ({pkg}): it was built from another checkout's sources")
     elif info["extension_files"]:
         row("  files found", ", ".join(info["extension_files"]))
     build = info["build"]

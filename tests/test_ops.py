@@ -475,6 +475,17 @@ def test_info_module(capsys):
     assert proc.returncode == 0 and "mnemonics_fast._C" in proc.stdout and "DALI" in proc.stdout, proc.stderr[-3000:]
 
 
+def test_info_notes_an_extension_from_another_checkout():
+    """An editable install of another checkout can map mnemonics_fast._C to its own tree: `info` says so."""
+    from mnemonics_fast.info import collect, format_info
+
+    info = collect()
+    info["kernels_available"], info["extension_module"] = True, "/elsewhere/mnemonics_fast/_C.so"
+    assert "built from another checkout's sources" in format_info(info)
+    info["extension_module"] = os.path.join(ROOT, "mnemonics_fast", "_C.so")
+    assert "another checkout" not in format_info(info)
+
+
 def test_import_is_cheap_and_does_not_touch_cuda():
     code = ("import time, torch\n"
             "t = time.perf_counter(); import mnemonics_fast.ops; dt = time.perf_counter() - t\n"
