@@ -156,6 +156,8 @@ def plot_drift(runs: list[Path], out: Path) -> Path:
     for ax, (key, title) in zip(axes, panels):
         ax.set_xlabel("phase")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if key == "classes_moved_past_nearest_neighbour":   # a count of classes
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         if key not in drawn:
             ax.text(0.5, 0.5, "not recorded in these runs", ha="center", va="center", transform=ax.transAxes)
             ax.set_xticks([])
