@@ -16,12 +16,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
-def is_image_name(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def is_hidden(name: str) -> bool:
     return name.startswith(".")
+
+
+def is_image_name(name: str) -> bool:
+    return not is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def to_rgb(img):
