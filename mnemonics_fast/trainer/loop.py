@@ -625,11 +625,8 @@ class Trainer:
         if self.cfg.run.resume != "auto" or not p.is_file():
             return None
         state = torch.load(p, map_location=self.device, weights_only=False)
-        if state["phase"] != phase:
-            return None
-        self._check_partial(state, p)
-        self._note_world(state, p)
-        return state
+        # (checked against this config by _resume when the run started; a later one was written by this run)
+        return state if state["phase"] == phase else None
 
     def _note_world(self, state: dict, path: Path) -> None:
         """A run may resume on another number of ranks (the global batch stays, so the protocol is the same), but the
@@ -661,7 +658,9 @@ class Trainer:
             return 0
         partial = self.ckpt_dir / "partial.pt"
         if partial.is_file():   # checked now, before anything is written, whichever phase it belongs to
-            self._check_partial(torch.load(partial, map_location="cpu", weights_only=False), partial)
+            state = torch.load(partial, map_location="cpu", weights_only=False)
+            self._check_partial(state, partial)
+            self._note_world(state, partial)
         done = sorted(self.ckpt_dir.glob("phase_*.pt"))
         if not done:
             return 0
