@@ -49,6 +49,10 @@ if __name__ == "__main__":
     from .trainer.distributed import exit_process
     try:
         code = main()
+    except SystemExit as e:   # argparse: --help (0) or a usage error (2), message already printed
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
     except BaseException:   # a crash still goes through exit_process (a gloo rank's normal teardown can abort)
         import traceback
         traceback.print_exc()

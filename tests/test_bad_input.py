@@ -96,3 +96,12 @@ def test_small_class_keeps_all_its_images(tmp_path):
         assert len(r) == expected
         assert len(set(r.tolist())) == expected and bool((tr.y_train[r] == c).all())
     assert json.loads((run.run_dir / "metrics.json").read_text())["phases"][-1]["memory_exemplars"] == 3 * 5 + 3
+
+
+def test_help_and_usage_errors_exit_as_argparse_says(tmp_path):
+    """`--help` exits 0 with the usage, an unknown flag exits 2 with argparse's one line: no traceback (the entry
+    point's crash handler must not treat argparse's SystemExit as a crash)."""
+    ok = run_cli(["--help"], cwd=tmp_path, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.startswith("usage:") and "Traceback" not in ok.stderr
+    bad = run_cli(["--bogus"], cwd=tmp_path, timeout=120)
+    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr and "Traceback" not in bad.stderr
