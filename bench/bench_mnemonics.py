@@ -29,9 +29,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -241,9 +241,9 @@ def main() -> None:
     print(f"# mnemonics outer step | {card} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
           f"{header['setting']} | TF32 convolutions {header['tf32']['cudnn']}, matmuls {header['tf32']['matmul']} | "
           f"median of {args.repeats} after {args.warmup} warm-up")
-    import tempfile
-    out = Path(args.out) if args.out else Path(os.environ.get("MNEMONICS_FAST_BENCH_OUT") or Path(
-        tempfile.gettempdir()) / "mnemonics_fast_bench") / (
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_cosine_linear import default_out_dir   # the benchmarks' one rule for where results go
+    out = Path(args.out) if args.out else Path(default_out_dir()) / (
         f"mnemonics_{card.replace(' ', '_').replace('/', '_')}_{datetime.datetime.now():%Y%m%d_%H%M%S}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
